@@ -1,0 +1,513 @@
+//! `kefu train`: fine-tune or train from scratch a
+//! `BertForSequenceClassification`, the seed study's recipe in Rust: AdamW
+//! with weight decay off for biases and LayerNorm, linear warm-up then linear
+//! decay, gradient clipping at 1.0, deterministic shuffling, the best epoch
+//! by dev accuracy kept and written atomically in the Hugging Face layout.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokenizers::Tokenizer;
+
+use super::bert::{BertConfig, BertForSequenceClassification};
+use super::checkpoint::{Checkpoint, Trainable};
+use super::data::{read_jsonl, Example};
+use super::metrics::Metrics;
+pub use super::rng::Rng;
+use super::worker::{logits, pad_id};
+use super::{tokenizer, Error, Task};
+
+/// Shape of a model trained from scratch.
+#[derive(Debug, Clone)]
+pub struct FreshModel {
+    /// A WordPiece `vocab.txt` (e.g. bert-base-chinese's); `None` builds one
+    /// from the training text.
+    pub vocab: Option<PathBuf>,
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate_size: usize,
+    /// Tokens seen fewer times than this are left out of a built vocabulary.
+    pub min_token_count: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum Init {
+    /// Fine-tune an existing checkpoint directory.
+    Pretrained(PathBuf),
+    Fresh(FreshModel),
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub task: Task,
+    pub data: PathBuf,
+    pub dev: PathBuf,
+    pub out: PathBuf,
+    pub init: Init,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    pub max_len: usize,
+    /// Stop after this many optimiser steps (for smoke runs).
+    pub max_steps: Option<usize>,
+    /// Store weights in f16 (half the size; logits agree to ~1e-3).
+    pub half: bool,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub best_epoch: usize,
+    pub best_dev_accuracy: f64,
+    /// Mean training loss of each epoch.
+    pub epoch_losses: Vec<f64>,
+    /// Loss of every step, in order.
+    pub step_losses: Vec<f32>,
+    pub train_examples: usize,
+    pub dev_examples: usize,
+    /// Classifier weights that started fresh when fine-tuning.
+    pub fresh_head: Vec<String>,
+}
+
+/// Learning rate at `step` (0-based): linear warm-up to `peak`, then linear
+/// decay to 0 at `total`, as transformers' `get_linear_schedule_with_warmup`.
+pub fn learning_rate(step: usize, total: usize, warmup: usize, peak: f64) -> f64 {
+    if step < warmup {
+        peak * (step + 1) as f64 / warmup as f64
+    } else {
+        let left = total.saturating_sub(step) as f64;
+        let span = total.saturating_sub(warmup).max(1) as f64;
+        peak * (left / span).max(0.0)
+    }
+}
+
+/// Batches of example indices for one epoch: shuffled, then sorted by length
+/// within windows of 50 batches so that rows of a batch pad to similar
+/// lengths, then the batches shuffled again.
+fn epoch_batches(lengths: &[usize], batch: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    rng.shuffle(&mut order);
+    let mut batches = Vec::new();
+    for window in order.chunks(batch * 50) {
+        let mut window = window.to_vec();
+        window.sort_by_key(|&i| lengths[i]);
+        batches.extend(window.chunks(batch).map(<[usize]>::to_vec));
+    }
+    rng.shuffle(&mut batches);
+    batches
+}
+
+/// Builds a WordPiece vocabulary from training text: the special tokens,
+/// every character seen (and its `##` continuation form, so no word is ever
+/// unknown), and whole words seen at least `min_count` times.
+pub fn build_vocab(texts: &[&str], min_count: usize) -> Vec<String> {
+    let mut chars: HashMap<String, usize> = HashMap::new();
+    let mut words: HashMap<String, usize> = HashMap::new();
+    for text in texts {
+        let lower = text.to_lowercase();
+        let mut word = String::new();
+        let mut flush = |word: &mut String| {
+            if word.chars().count() > 1 {
+                *words.entry(std::mem::take(word)).or_default() += 1;
+            }
+            word.clear();
+        };
+        for c in lower.chars() {
+            if c.is_whitespace() || c.is_control() {
+                flush(&mut word);
+            } else if super::is_han(c) || c.is_ascii_punctuation() || !c.is_alphanumeric() {
+                flush(&mut word);
+                *chars.entry(c.to_string()).or_default() += 1;
+            } else {
+                word.push(c);
+                *chars.entry(c.to_string()).or_default() += 1;
+            }
+        }
+        flush(&mut word);
+    }
+    let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut chars: Vec<(String, usize)> = chars.into_iter().collect();
+    chars.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    for (c, _) in &chars {
+        vocab.push(c.clone());
+    }
+    for (c, _) in &chars {
+        if !c.chars().any(super::is_han) {
+            vocab.push(format!("##{c}"));
+        }
+    }
+    let mut words: Vec<(String, usize)> =
+        words.into_iter().filter(|(_, n)| *n >= min_count).collect();
+    words.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    vocab.extend(words.into_iter().map(|(w, _)| w));
+    vocab
+}
+
+struct Encoded {
+    ids: Vec<Vec<u32>>,
+    labels: Vec<u32>,
+}
+
+fn encode_all(tok: &Tokenizer, examples: &[Example]) -> Result<Encoded, Error> {
+    let ids = examples
+        .iter()
+        .map(|e| tokenizer::encode(tok, &e.text))
+        .collect::<Result<Vec<_>, _>>()?;
+    let labels = examples.iter().map(|e| e.label as u32).collect();
+    Ok(Encoded { ids, labels })
+}
+
+/// Predicted label index of every row, in batches of `batch`.
+pub fn predict(
+    model: &BertForSequenceClassification,
+    rows: &[Vec<u32>],
+    pad: u32,
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<usize>, Error> {
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| rows[i].len());
+    let mut out = vec![0usize; rows.len()];
+    for chunk in order.chunks(batch.max(1)) {
+        let slices: Vec<&[u32]> = chunk.iter().map(|&i| rows[i].as_slice()).collect();
+        let pred = logits(model, &slices, pad, device)?
+            .argmax(1)?
+            .to_vec1::<u32>()?;
+        for (&i, p) in chunk.iter().zip(pred) {
+            out[i] = p as usize;
+        }
+    }
+    Ok(out)
+}
+
+/// Accuracy and friends of a checkpoint on labelled examples.
+pub fn evaluate(ckpt: &Checkpoint, path: &Path, batch: usize) -> Result<Metrics, Error> {
+    let labels: Vec<&str> = ckpt.labels.iter().map(String::as_str).collect();
+    let examples = read_jsonl(path, &labels)?;
+    let enc = encode_all(&ckpt.tokenizer, &examples)?;
+    let pred = predict(
+        &ckpt.model,
+        &enc.ids,
+        pad_id(&ckpt.tokenizer),
+        batch,
+        &Device::Cpu,
+    )?;
+    let gold: Vec<usize> = enc.labels.iter().map(|&l| l as usize).collect();
+    Ok(Metrics::compute(&ckpt.labels, &gold, &pred))
+}
+
+fn global_norm_clip(
+    grads: &mut candle_core::backprop::GradStore,
+    vars: &[Var],
+    max_norm: f64,
+) -> Result<(), Error> {
+    let mut total = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v) {
+            total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+    }
+    let norm = total.sqrt();
+    if norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for v in vars {
+            if let Some(g) = grads.remove(v) {
+                grads.insert(v, (g * scale)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The outcome of a training run: the report, and the model as it was after
+/// the last step (the best epoch is what was written to disk).
+pub struct Trained {
+    pub report: TrainReport,
+    pub last: Trainable,
+    pub tokenizer: Tokenizer,
+}
+
+/// Trains a classifier as `opts` says and writes the best checkpoint to
+/// `opts.out`.
+pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
+    if opts.batch_size == 0 || opts.epochs == 0 {
+        return Err(Error::Invalid(
+            "--batch-size and --epochs must be at least 1".into(),
+        ));
+    }
+    let device = Device::Cpu;
+    super::rng::seed_dropout(opts.seed);
+    let task_labels: Vec<String> = opts.task.labels().iter().map(|s| s.to_string()).collect();
+    let labels: Vec<&str> = opts.task.labels().to_vec();
+    let train_ex = read_jsonl(&opts.data, &labels)?;
+    let dev_ex = read_jsonl(&opts.dev, &labels)?;
+
+    let (trainable, tok, fresh_head) = match &opts.init {
+        Init::Pretrained(dir) => {
+            let (t, fresh) = Trainable::from_pretrained(dir, &task_labels, &device)?;
+            let max_len = opts.max_len.min(t.config.max_position_embeddings);
+            let tok = tokenizer::load(dir, max_len)?;
+            (t, tok, fresh)
+        }
+        Init::Fresh(shape) => {
+            let tok = match &shape.vocab {
+                Some(vocab) => {
+                    tokenizer::from_vocab(vocab, &tokenizer::BertTokenizerConfig::default())?
+                }
+                None => {
+                    let texts: Vec<&str> = train_ex.iter().map(|e| e.text.as_str()).collect();
+                    let vocab = build_vocab(&texts, shape.min_token_count);
+                    let tmp = tempfile_path(&opts.out, "vocab.txt");
+                    std::fs::write(&tmp, vocab.join("\n") + "\n")
+                        .map_err(|e| Error::save(&tmp, e))?;
+                    let tok =
+                        tokenizer::from_vocab(&tmp, &tokenizer::BertTokenizerConfig::default());
+                    let _ = std::fs::remove_file(&tmp);
+                    tok?
+                }
+            };
+            let mut tok = tok;
+            let vocab_size = tok.get_vocab_size(true);
+            let config = BertConfig::new_small(
+                vocab_size,
+                shape.hidden_size,
+                shape.layers,
+                shape.heads,
+                shape.intermediate_size,
+                opts.max_len.max(8),
+                &task_labels,
+            );
+            config.validate().map_err(Error::Invalid)?;
+            tokenizer_set_max(&mut tok, opts.max_len)?;
+            (Trainable::fresh(config, &device)?, tok, Vec::new())
+        }
+    };
+    let mut tok = tok;
+    tokenizer_set_max(
+        &mut tok,
+        opts.max_len.min(trainable.config.max_position_embeddings),
+    )?;
+    let pad = pad_id(&tok);
+    let train_enc = encode_all(&tok, &train_ex)?;
+    let dev_enc = encode_all(&tok, &dev_ex)?;
+    let lengths: Vec<usize> = train_enc.ids.iter().map(Vec::len).collect();
+
+    let (decay, no_decay): (Vec<(String, Var)>, Vec<(String, Var)>) = trainable
+        .varmap
+        .data()
+        .lock()
+        .expect("varmap lock poisoned")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .partition(|(k, _)| !(k.ends_with("bias") || k.contains("LayerNorm")));
+    let all_vars: Vec<Var> = decay
+        .iter()
+        .chain(&no_decay)
+        .map(|(_, v)| v.clone())
+        .collect();
+    let params = |wd: f64| ParamsAdamW {
+        lr: opts.learning_rate,
+        weight_decay: wd,
+        ..ParamsAdamW::default()
+    };
+    let mut opt_decay = AdamW::new(
+        decay.into_iter().map(|(_, v)| v).collect(),
+        params(opts.weight_decay),
+    )?;
+    let mut opt_plain = AdamW::new(no_decay.into_iter().map(|(_, v)| v).collect(), params(0.0))?;
+
+    let steps_per_epoch = train_enc.ids.len().div_ceil(opts.batch_size);
+    let mut total = steps_per_epoch * opts.epochs;
+    if let Some(max) = opts.max_steps {
+        total = total.min(max);
+    }
+    let warmup = ((total as f64) * opts.warmup_ratio).round() as usize;
+    let bar = if opts.progress {
+        ProgressBar::new(total as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+
+    let mut rng = Rng::new(opts.seed);
+    let mut step = 0usize;
+    let mut report = TrainReport {
+        steps: 0,
+        best_epoch: 0,
+        best_dev_accuracy: -1.0,
+        epoch_losses: Vec::new(),
+        step_losses: Vec::new(),
+        train_examples: train_ex.len(),
+        dev_examples: dev_ex.len(),
+        fresh_head,
+    };
+    let mut ema: Option<f64> = None;
+    'epochs: for epoch in 1..=opts.epochs {
+        let mut epoch_loss = 0f64;
+        let mut epoch_steps = 0usize;
+        for batch in epoch_batches(&lengths, opts.batch_size, &mut rng) {
+            if step >= total {
+                break;
+            }
+            let rows: Vec<&[u32]> = batch.iter().map(|&i| train_enc.ids[i].as_slice()).collect();
+            let targets: Vec<u32> = batch.iter().map(|&i| train_enc.labels[i]).collect();
+            let (ids, masks) = super::worker::pad(&rows, pad);
+            let (ids, masks) = super::bert::batch_tensors(&ids, &masks, &device)?;
+            let targets = Tensor::new(targets, &device)?;
+            let logits = trainable.model.forward(&ids, &masks, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+            let loss_value = loss.to_scalar::<f32>()?;
+            if !loss_value.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "training diverged at step {step} (loss {loss_value}); lower --learning-rate"
+                )));
+            }
+            let mut grads = loss.backward()?;
+            global_norm_clip(&mut grads, &all_vars, 1.0)?;
+            let lr = learning_rate(step, total, warmup, opts.learning_rate);
+            opt_decay.set_learning_rate(lr);
+            opt_plain.set_learning_rate(lr);
+            opt_decay.step(&grads)?;
+            opt_plain.step(&grads)?;
+            step += 1;
+            epoch_steps += 1;
+            epoch_loss += loss_value as f64;
+            report.step_losses.push(loss_value);
+            let e = ema.map_or(loss_value as f64, |e| 0.95 * e + 0.05 * loss_value as f64);
+            ema = Some(e);
+            bar.set_message(format!("epoch {epoch}  loss {e:.4}  lr {lr:.2e}"));
+            bar.inc(1);
+        }
+        if epoch_steps == 0 {
+            break 'epochs;
+        }
+        let pred = predict(&trainable.model, &dev_enc.ids, pad, 64, &device)?;
+        let correct = pred
+            .iter()
+            .zip(&dev_enc.labels)
+            .filter(|(p, g)| **p == **g as usize)
+            .count();
+        let acc = correct as f64 / pred.len() as f64;
+        let mean_loss = epoch_loss / epoch_steps as f64;
+        report.epoch_losses.push(mean_loss);
+        let best = acc > report.best_dev_accuracy;
+        bar.println(format!(
+            "epoch {epoch}: train loss {mean_loss:.4}, dev accuracy {acc:.4}{}",
+            if best { " (best so far, saved)" } else { "" }
+        ));
+        if best {
+            report.best_dev_accuracy = acc;
+            report.best_epoch = epoch;
+            save_atomically(&trainable, &tok, &opts.out, opts.half)?;
+        }
+        if step >= total {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    report.steps = step;
+    Ok(Trained {
+        report,
+        last: trainable,
+        tokenizer: tok,
+    })
+}
+
+fn tokenizer_set_max(tok: &mut Tokenizer, max_len: usize) -> Result<(), Error> {
+    tok.with_truncation(Some(tokenizers::TruncationParams {
+        max_length: max_len,
+        ..Default::default()
+    }))
+    .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    Ok(())
+}
+
+fn tempfile_path(out: &Path, what: &str) -> PathBuf {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let _ = std::fs::create_dir_all(parent);
+    parent.join(format!(".kefu-{}-{what}", std::process::id()))
+}
+
+/// Writes the checkpoint next to `out` and renames it into place, so a
+/// reader never sees half a checkpoint and a crash leaves the old one.
+pub fn save_atomically(
+    t: &Trainable,
+    tok: &Tokenizer,
+    out: &Path,
+    half: bool,
+) -> Result<(), Error> {
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::save(out, "--out must name a directory"))?;
+    let tmp = tempfile_path(out, &format!("{name}.tmp"));
+    let old = tempfile_path(out, &format!("{name}.old"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    t.save(&tmp, tok, half)?;
+    if out.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(out, &old).map_err(|e| Error::save(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::save(out, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        assert!((learning_rate(0, 100, 10, 1.0) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(9, 100, 10, 1.0) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(10, 100, 10, 1.0) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(55, 100, 10, 1.0) - 0.5).abs() < 1e-12);
+        assert_eq!(learning_rate(100, 100, 10, 1.0), 0.0);
+    }
+
+    #[test]
+    fn shuffles_are_deterministic_and_complete() {
+        let lengths: Vec<usize> = (0..103).map(|i| i % 17).collect();
+        let a = epoch_batches(&lengths, 8, &mut Rng::new(7));
+        let b = epoch_batches(&lengths, 8, &mut Rng::new(7));
+        assert_eq!(a, b);
+        let mut all: Vec<usize> = a.concat();
+        all.sort();
+        assert_eq!(all, (0..103).collect::<Vec<_>>());
+        assert_ne!(a, epoch_batches(&lengths, 8, &mut Rng::new(8)));
+    }
+
+    #[test]
+    fn built_vocab_covers_every_character() {
+        let vocab = build_vocab(&["快递到哪了 where is my parcel", "parcel 没到"], 2);
+        assert_eq!(&vocab[..5], &["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]);
+        for t in ["快", "w", "##w", "parcel"] {
+            assert!(vocab.iter().any(|v| v == t), "{t} missing");
+        }
+        assert!(
+            !vocab.iter().any(|v| v == "where"),
+            "seen once, below min_count"
+        );
+    }
+}

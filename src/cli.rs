@@ -1,0 +1,297 @@
+//! The `kefu` command line: one clap tree, each subcommand a thin call into
+//! the library.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::classify::checkpoint::Checkpoint;
+use crate::classify::train::{self, FreshModel, Init, TrainOptions};
+use crate::classify::{self, LabelMap, Language, Task};
+use crate::config::ServeArgs;
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kefu",
+    version,
+    about = "kefu (客服): an AI customer-service agent for e-commerce, served over gRPC",
+    long_about = "kefu classifies every customer message (sentiment and intent, with BERT run by \
+                  candle), routes it, answers it and remembers it. `kefu serve` runs the gRPC \
+                  service; the other commands train, evaluate and try the models."
+)]
+pub struct Cli {
+    /// Log output: human-readable text or one JSON object per event.
+    #[arg(long, env = "KEFU_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `kefu=debug,tonic=info` (RUST_LOG syntax;
+    /// RUST_LOG is read when this is unset).
+    #[arg(long, env = "KEFU_LOG", global = true)]
+    pub log: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC service (ChatService, AgentService, MarketingService,
+    /// AdminService, health and reflection).
+    Serve(ServeArgs),
+    /// Classify texts with one checkpoint and print one JSON line per text.
+    Classify(ClassifyArgs),
+    /// Train a sentiment or intent classifier and write a Hugging Face
+    /// checkpoint.
+    Train(TrainArgs),
+    /// Accuracy, macro-F1, per-label precision/recall and the confusion
+    /// matrix of a checkpoint on labelled JSONL.
+    Eval(EvalArgs),
+    /// Measure speed and memory next to a peer (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Classifier messages/s at batch 1 and 32, short and long texts, and
+    /// peak memory, next to PyTorch transformers on the same checkpoint.
+    Classify(crate::bench::ClassifyBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClassifyArgs {
+    /// A `BertForSequenceClassification` checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Texts to classify; with none, one text per line is read from stdin.
+    pub texts: Vec<String>,
+    /// Longest input in tokens; longer texts are truncated.
+    #[arg(long, default_value_t = 128)]
+    pub max_seq_len: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// What to predict; fixes the label set.
+    #[arg(long, value_enum)]
+    pub task: Task,
+    /// Training examples, JSONL with `text` and `label`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Dev examples for picking the best epoch (never trained on).
+    #[arg(long)]
+    pub dev: PathBuf,
+    /// Where to write the checkpoint; replaced atomically by each better epoch.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Fine-tune this checkpoint directory (e.g. bert-base-chinese).
+    #[arg(long, conflicts_with = "config")]
+    pub init: Option<PathBuf>,
+    /// Train a fresh small BERT from scratch with the --hidden-size,
+    /// --layers, --heads, --intermediate-size and --vocab below.
+    #[arg(long)]
+    pub config: bool,
+    /// WordPiece vocab.txt for a fresh model (e.g. bert-base-chinese's);
+    /// without it a vocabulary is built from the training text.
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    pub hidden_size: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub intermediate_size: usize,
+    /// Tokens seen fewer times are left out of a built vocabulary.
+    #[arg(long, default_value_t = 3)]
+    pub min_token_count: usize,
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate (2e-5..5e-5 for fine-tuning, ~5e-4 from scratch).
+    #[arg(long, default_value_t = 5e-4)]
+    pub learning_rate: f64,
+    /// Fraction of steps spent warming the learning rate up.
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Longest input in tokens during training.
+    #[arg(long, default_value_t = 128)]
+    pub max_seq_len: usize,
+    /// Stop after this many optimiser steps (smoke runs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Save weights in f16: half the size, logits within ~1e-3.
+    #[arg(long)]
+    pub half: bool,
+    /// Print the training report as JSON on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A `BertForSequenceClassification` checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Labelled examples, JSONL with `text` and `label`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Print one JSON object (accuracy, macro_f1, n, per_label, confusion).
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value_t = 128)]
+    pub max_seq_len: usize,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            tracing::info!(config = ?args, "effective configuration");
+            crate::service::serve(args, shutdown_signal()).await?;
+            tracing::info!("kefu stopped");
+            Ok(())
+        }
+        Command::Classify(args) => tokio::task::spawn_blocking(move || classify_cmd(args)).await?,
+        Command::Train(args) => tokio::task::spawn_blocking(move || train_cmd(args)).await?,
+        Command::Eval(args) => tokio::task::spawn_blocking(move || eval_cmd(args)).await?,
+        Command::Bench(BenchCommand::Classify(args)) => {
+            tokio::task::spawn_blocking(move || crate::bench::classify(&args)).await?
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
+    let device = candle_core::Device::Cpu;
+    let ckpt = Checkpoint::load(&args.model, args.max_seq_len, &device)?;
+    let texts: Vec<String> = if args.texts.is_empty() {
+        std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading stdin")?
+            .into_iter()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    } else {
+        args.texts
+    };
+    let pad = classify::worker::pad_id(&ckpt.tokenizer);
+    let mut out = std::io::stdout().lock();
+    for chunk in texts.chunks(32) {
+        let rows = chunk
+            .iter()
+            .map(|t| classify::tokenizer::encode(&ckpt.tokenizer, t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let slices: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let probs = classify::worker::probabilities(&ckpt.model, &slices, pad, &device)?;
+        for (text, p) in chunk.iter().zip(probs) {
+            let mut scores: Vec<(String, f32)> = ckpt.labels.iter().cloned().zip(p).collect();
+            scores.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let line = serde_json::json!({
+                "text": text,
+                "label": scores[0].0,
+                "probability": scores[0].1,
+                "probabilities": scores.iter().map(|(l, p)| serde_json::json!({"label": l, "probability": p})).collect::<Vec<_>>(),
+                "language": Language::detect(text),
+            });
+            writeln!(out, "{line}")?;
+        }
+    }
+    Ok(())
+}
+
+fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
+    let init = match (&args.init, args.config) {
+        (Some(dir), _) => Init::Pretrained(dir.clone()),
+        (None, true) => Init::Fresh(FreshModel {
+            vocab: args.vocab.clone(),
+            hidden_size: args.hidden_size,
+            layers: args.layers,
+            heads: args.heads,
+            intermediate_size: args.intermediate_size,
+            min_token_count: args.min_token_count,
+        }),
+        (None, false) => anyhow::bail!(
+            "say where the model starts: --init DIR to fine-tune a checkpoint, or --config for a fresh BERT"
+        ),
+    };
+    let opts = TrainOptions {
+        task: args.task,
+        data: args.data,
+        dev: args.dev,
+        out: args.out.clone(),
+        init,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        warmup_ratio: args.warmup_ratio,
+        weight_decay: args.weight_decay,
+        seed: args.seed,
+        max_len: args.max_seq_len,
+        max_steps: args.max_steps,
+        half: args.half,
+        progress: true,
+    };
+    let report = train::train(&opts)?.report;
+    eprintln!(
+        "best dev accuracy {:.4} at epoch {} after {} steps; checkpoint in {}",
+        report.best_dev_accuracy,
+        report.best_epoch,
+        report.steps,
+        args.out.display()
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+fn eval_cmd(args: EvalArgs) -> anyhow::Result<()> {
+    let ckpt = Checkpoint::load(&args.model, args.max_seq_len, &candle_core::Device::Cpu)?;
+    // Reject checkpoints whose labels kefu would not understand, with the
+    // same rule the server applies.
+    let task = if LabelMap::new(Task::Sentiment, &ckpt.labels, &args.model).is_ok() {
+        Task::Sentiment
+    } else {
+        Task::Intent
+    };
+    LabelMap::new(task, &ckpt.labels, &args.model)?;
+    let metrics = train::evaluate(&ckpt, &args.data, 64)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&metrics)?);
+    } else {
+        print!("{}", metrics.render());
+    }
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! The candle BERT against transformers' own outputs, tokenization, and
+//! batching.
+
+use candle_core::Device;
+use kefu::classify::checkpoint::Checkpoint;
+use kefu::classify::worker::{logits, pad_id, probabilities};
+use kefu::classify::{tokenizer, BatchLimits, LabelMap, ModelWorker, Task};
+
+use crate::common::{expected, fixture};
+
+fn assert_close(ours: &[Vec<f32>], theirs: &[Vec<f32>], tol: f32, what: &str) {
+    assert_eq!(ours.len(), theirs.len());
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= tol, "{what}: row {i}: {a:?} vs {b:?}");
+        }
+    }
+}
+
+fn check_checkpoint(dir: &str) {
+    let exp = expected();
+    let ckpt = Checkpoint::load(&fixture(dir), exp.max_len, &Device::Cpu).expect("fixture loads");
+    assert_eq!(ckpt.labels, exp.labels);
+    let ids: Vec<Vec<u32>> = exp
+        .inputs
+        .iter()
+        .map(|t| tokenizer::encode(&ckpt.tokenizer, t).unwrap())
+        .collect();
+    for (i, (ours, theirs)) in ids.iter().zip(&exp.input_ids).enumerate() {
+        assert_eq!(ours, theirs, "{dir}: token ids of {:?}", exp.inputs[i]);
+    }
+    let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let got = logits(&ckpt.model, &rows, pad_id(&ckpt.tokenizer), &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_close(&got, &exp.logits, 1e-4, dir);
+}
+
+#[test]
+fn safetensors_and_vocab_txt_match_transformers() {
+    check_checkpoint("tiny-bert");
+}
+
+#[test]
+fn pytorch_bin_and_tokenizer_json_match_transformers() {
+    check_checkpoint("tiny-bert-pt");
+}
+
+#[test]
+fn tokenization_of_zh_en_and_mixed_text() {
+    let ckpt = Checkpoint::load(&fixture("tiny-bert"), 64, &Device::Cpu).unwrap();
+    let tok = &ckpt.tokenizer;
+    let tokens =
+        |text: &str| -> Vec<String> { tok.encode(text, true).unwrap().get_tokens().to_vec() };
+    // Every CJK character is its own token.
+    assert_eq!(tokens("转人工"), ["[CLS]", "转", "人", "工", "[SEP]"]);
+    // Lower-cased, accents stripped, WordPiece continuation pieces.
+    assert_eq!(
+        tokens("iPhone Café"),
+        ["[CLS]", "ip", "##hon", "##e", "cafe", "[SEP]"]
+    );
+    // Mixed text: English words and Han characters split apart.
+    let mixed = tokens("这个size");
+    assert_eq!(&mixed[..3], ["[CLS]", "这", "个"]);
+    assert!(mixed[3..]
+        .iter()
+        .all(|t| !t.contains('这') && !t.contains('个')));
+    // Truncation keeps [SEP] and respects max_len.
+    let long = "发票".repeat(200);
+    let ids = tokenizer::encode(tok, &long).unwrap();
+    assert_eq!(ids.len(), 64);
+    assert_eq!(ids.last(), tok.token_to_id("[SEP]").as_ref());
+}
+
+#[test]
+fn a_batch_gives_the_same_probabilities_as_one_by_one() {
+    let exp = expected();
+    let ckpt = Checkpoint::load(&fixture("tiny-bert"), exp.max_len, &Device::Cpu).unwrap();
+    let pad = pad_id(&ckpt.tokenizer);
+    let ids: Vec<Vec<u32>> = exp
+        .inputs
+        .iter()
+        .map(|t| tokenizer::encode(&ckpt.tokenizer, t).unwrap())
+        .collect();
+    let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let batched = probabilities(&ckpt.model, &rows, pad, &Device::Cpu).unwrap();
+    let single: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|r| {
+            probabilities(&ckpt.model, &[r], pad, &Device::Cpu)
+                .unwrap()
+                .remove(0)
+        })
+        .collect();
+    assert_close(&batched, &single, 1e-5, "batched vs single");
+    for p in &batched {
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_batches_concurrent_requests_without_changing_answers() {
+    let exp = expected();
+    let dir = fixture("tiny-bert");
+    let ckpt = Checkpoint::load(&dir, exp.max_len, &Device::Cpu).unwrap();
+    let map = LabelMap::new(Task::Sentiment, &ckpt.labels, &dir).unwrap();
+    let reference = Checkpoint::load(&dir, exp.max_len, &Device::Cpu).unwrap();
+    let worker = ModelWorker::spawn(
+        ckpt,
+        map.clone(),
+        BatchLimits {
+            max_batch: 4,
+            max_batch_tokens: 128,
+            queue: 64,
+        },
+    );
+    // Many concurrent callers: the worker batches them by count and tokens.
+    let mut tasks = Vec::new();
+    for text in exp.inputs.iter().cycle().take(48) {
+        let worker = worker.clone();
+        let text = text.clone();
+        tasks.push(tokio::spawn(async move {
+            (
+                text.clone(),
+                worker.classify_all(&[text]).await.unwrap().remove(0),
+            )
+        }));
+    }
+    for task in tasks {
+        let (text, got) = task.await.unwrap();
+        let ids = tokenizer::encode(&reference.tokenizer, &text).unwrap();
+        let want = probabilities(
+            &reference.model,
+            &[&ids],
+            pad_id(&reference.tokenizer),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .remove(0);
+        let want = map.scores(&want);
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.label, w.label);
+            assert!((g.probability - w.probability).abs() < 1e-5, "{text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_is_refused_not_waited_on() {
+    let dir = fixture("tiny-bert");
+    let ckpt = Checkpoint::load(&dir, 64, &Device::Cpu).unwrap();
+    let map = LabelMap::new(Task::Sentiment, &ckpt.labels, &dir).unwrap();
+    let worker = ModelWorker::spawn(
+        ckpt,
+        map,
+        BatchLimits {
+            max_batch: 1,
+            max_batch_tokens: 64,
+            queue: 2,
+        },
+    );
+    let texts: Vec<String> = (0..200).map(|i| format!("第{i}条消息")).collect();
+    let err = worker.classify_all(&texts).await.unwrap_err();
+    assert!(matches!(err, kefu::classify::Error::Overloaded(2)), "{err}");
+}

@@ -1,0 +1,8 @@
+//! kefu's integration tests, in one binary so the dependency tree links once.
+//! They run the real thing: candle on real checkpoints, the real gRPC server
+//! on 127.0.0.1:0.
+
+mod classifier;
+mod common;
+mod server;
+mod training;

@@ -1,0 +1,244 @@
+//! The real gRPC server in-process on 127.0.0.1:0: health follows model
+//! loading, reflection lists kefu's services, Classify answers and checks its
+//! input, and shutdown is clean.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kefu::config::ServeArgs;
+use kefu::service::pb::chat_service_client::ChatServiceClient;
+use kefu::service::pb::ClassifyRequest;
+use kefu::service::{serve_on, ModelLoader, Models, ServeError};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::common::fixture;
+
+struct Running {
+    channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl Running {
+    async fn stop(mut self) -> Result<(), ServeError> {
+        let _ = self.stop.take().expect("stopped once").send(());
+        tokio::time::timeout(Duration::from_secs(10), self.handle)
+            .await
+            .expect("server stops within 10 s")
+            .expect("server task did not panic")
+    }
+}
+
+fn args() -> ServeArgs {
+    ServeArgs::with_models(fixture("tiny-bert"), fixture("tiny-bert-intent"))
+}
+
+/// Starts the server; the models load when `gate` fires.
+async fn start(args: ServeArgs, gate: oneshot::Receiver<()>) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let load_args = args.clone();
+    let loader: ModelLoader = Box::pin(async move {
+        let _ = gate.await;
+        Models::load(&load_args).await
+    });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(serve_on(args, listener, loader, async {
+        let _ = stopped.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("server accepts connections before models load");
+    Running {
+        channel,
+        stop: Some(stop),
+        handle,
+    }
+}
+
+async fn status(channel: &Channel, service: &str) -> ServingStatus {
+    let reply = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health answers");
+    ServingStatus::try_from(reply.into_inner().status).unwrap()
+}
+
+#[tokio::test]
+async fn health_is_not_serving_until_models_load_then_serving() {
+    let (open, gate) = oneshot::channel();
+    let server = start(args(), gate).await;
+    for service in ["", "kefu.v1.ChatService", "kefu.v1.AgentService"] {
+        assert_eq!(
+            status(&server.channel, service).await,
+            ServingStatus::NotServing,
+            "{service}"
+        );
+    }
+    // While loading, model-backed calls say so instead of hanging.
+    let err = ChatServiceClient::new(server.channel.clone())
+        .classify(ClassifyRequest {
+            texts: vec!["在吗".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+
+    let mut watch = HealthClient::new(server.channel.clone())
+        .watch(HealthCheckRequest {
+            service: "kefu.v1.ChatService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    open.send(()).unwrap();
+    let serving = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(Ok(msg)) = watch.next().await {
+            if msg.status == ServingStatus::Serving as i32 {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("SERVING within 60 s");
+    assert!(serving);
+    assert_eq!(status(&server.channel, "").await, ServingStatus::Serving);
+    server.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn reflection_lists_kefus_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let (open, gate) = oneshot::channel();
+    open.send(()).unwrap();
+    let server = start(args(), gate).await;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(server.channel.clone())
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("expected a service list, got {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "kefu.v1.ChatService",
+        "kefu.v1.AgentService",
+        "kefu.v1.MarketingService",
+        "kefu.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+    server.stop().await.unwrap();
+}
+
+async fn serving(args: ServeArgs) -> Running {
+    let (open, gate) = oneshot::channel();
+    open.send(()).unwrap();
+    let server = start(args, gate).await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while status(&server.channel, "kefu.v1.ChatService").await != ServingStatus::Serving {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("SERVING within 60 s");
+    server
+}
+
+#[tokio::test]
+async fn classify_returns_every_label_with_probabilities() {
+    let server = serving(args()).await;
+    let mut chat = ChatServiceClient::new(server.channel.clone());
+    let reply = chat
+        .classify(ClassifyRequest {
+            texts: vec!["我的快递到哪了".into(), "Where is my parcel?".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.results.len(), 2);
+    let zh = &reply.results[0];
+    assert_eq!(zh.language, "zh");
+    assert_eq!(reply.results[1].language, "en");
+    assert_eq!(zh.sentiment_scores.len(), 3);
+    assert_eq!(zh.intent_scores.len(), 11);
+    let total: f32 = zh.intent_scores.iter().map(|s| s.probability).sum();
+    assert!((total - 1.0).abs() < 1e-4);
+    assert_eq!(zh.intent, zh.intent_scores[0].label);
+    assert_eq!(zh.intent_confidence, zh.intent_scores[0].probability);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn classify_rejects_bad_input_with_the_limit() {
+    let mut a = args();
+    a.max_text_bytes = 100;
+    a.max_classify_texts = 3;
+    let server = serving(a).await;
+    let mut chat = ChatServiceClient::new(server.channel.clone());
+    let cases = [
+        (vec![], "texts is empty"),
+        (vec!["ok".to_string(); 4], "the limit is 3"),
+        (vec!["ok".into(), "   ".into()], "texts[1] is empty"),
+        (vec!["长".repeat(40)], "120 bytes; the limit is 100"),
+    ];
+    for (texts, message) in cases {
+        let err = chat.classify(ClassifyRequest { texts }).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().contains(message),
+            "{:?} lacks {message:?}",
+            err.message()
+        );
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rpcs_of_later_work_answer_unimplemented() {
+    let server = serving(args()).await;
+    let err = ChatServiceClient::new(server.channel.clone())
+        .get_conversation(kefu::service::pb::GetConversationRequest {
+            conversation_id: "c1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_model_that_fails_to_load_stops_the_server_with_the_reason() {
+    let (open, gate) = oneshot::channel();
+    open.send(()).unwrap();
+    let a = ServeArgs::with_models(fixture("tiny-bert"), fixture("no-such-model"));
+    let server = start(a, gate).await;
+    let result = tokio::time::timeout(Duration::from_secs(30), server.handle)
+        .await
+        .expect("server gives up")
+        .unwrap();
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("no-such-model"), "{err}");
+}

@@ -1,0 +1,252 @@
+//! `kefu train` end to end on small samples of the committed data: the loss
+//! falls, the checkpoint reloads with the same logits, fine-tuning keeps or
+//! refreshes the head, and the CLI reports what it did.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::Device;
+use kefu::classify::checkpoint::Checkpoint;
+use kefu::classify::train::{train, FreshModel, Init, TrainOptions};
+use kefu::classify::worker::{logits, pad_id};
+use kefu::classify::{tokenizer, Task};
+
+use crate::common::{fixture, repo};
+
+/// The first `n` lines of a committed data file, written to `dir`.
+fn sample(src: &str, n: usize, dir: &Path, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join(src)).expect("committed data");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(n)
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+fn options(task: Task, data: PathBuf, dev: PathBuf, out: PathBuf, init: Init) -> TrainOptions {
+    TrainOptions {
+        task,
+        data,
+        dev,
+        out,
+        init,
+        epochs: 50,
+        batch_size: 16,
+        learning_rate: 2e-3,
+        warmup_ratio: 0.1,
+        weight_decay: 0.01,
+        seed: 7,
+        max_len: 48,
+        max_steps: Some(40),
+        half: false,
+        progress: false,
+    }
+}
+
+fn tiny() -> Init {
+    Init::Fresh(FreshModel {
+        vocab: None,
+        hidden_size: 32,
+        layers: 1,
+        heads: 2,
+        intermediate_size: 64,
+        min_token_count: 2,
+    })
+}
+
+#[test]
+fn a_fresh_model_learns_and_its_checkpoint_reloads_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = sample("data/intents/train.jsonl", 400, dir.path(), "train.jsonl");
+    let dev = sample("data/intents/test.jsonl", 60, dir.path(), "dev.jsonl");
+    let out = dir.path().join("model");
+    let mut opts = options(Task::Intent, data, dev, out.clone(), tiny());
+    // One epoch, cut short: what is saved is exactly the last step's model.
+    opts.epochs = 1;
+    opts.max_steps = Some(24);
+    let trained = train(&opts).expect("training runs");
+    let losses = &trained.report.step_losses;
+    assert_eq!(losses.len(), 24);
+    let first: f32 = losses[..4].iter().sum::<f32>() / 4.0;
+    let last: f32 = losses[losses.len() - 4..].iter().sum::<f32>() / 4.0;
+    assert!(last < first * 0.9, "loss did not fall: {first} -> {last}");
+
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "vocab.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing from the checkpoint");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["id2label"]["1"], "order_status");
+    assert_eq!(config["label2id"]["human_agent"], 9);
+    assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+
+    let reloaded = Checkpoint::load(&out, 48, &Device::Cpu).unwrap();
+    let texts = [
+        "我的快递到哪了",
+        "I want a refund",
+        "转人工!!",
+        "优惠券怎么用",
+    ];
+    let ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tokenizer::encode(&reloaded.tokenizer, t).unwrap())
+        .collect();
+    let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let pad = pad_id(&reloaded.tokenizer);
+    let a = logits(&reloaded.model, &rows, pad, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let b = logits(&trained.last.model, &rows, pad, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        assert!(
+            (x - y).abs() < 1e-5,
+            "reloaded logits differ: {a:?} vs {b:?}"
+        );
+    }
+}
+
+#[test]
+fn fine_tuning_keeps_a_matching_head_and_replaces_a_different_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = sample("data/sentiment/extra.jsonl", 64, dir.path(), "s.jsonl");
+    let out = dir.path().join("sentiment");
+    let mut opts = options(
+        Task::Sentiment,
+        data.clone(),
+        data,
+        out.clone(),
+        Init::Pretrained(fixture("tiny-bert")),
+    );
+    opts.max_steps = Some(3);
+    opts.max_len = 64;
+    opts.half = true;
+    let trained = train(&opts).unwrap();
+    assert!(
+        trained.report.fresh_head.is_empty(),
+        "same labels: head kept"
+    );
+    // Saved in f16, it still loads as a checkpoint.
+    Checkpoint::load(&out, 64, &Device::Cpu).unwrap();
+
+    let data = sample("data/intents/train.jsonl", 64, dir.path(), "i.jsonl");
+    let mut opts = options(
+        Task::Intent,
+        data.clone(),
+        data,
+        dir.path().join("intent"),
+        Init::Pretrained(fixture("tiny-bert")),
+    );
+    opts.max_steps = Some(2);
+    opts.max_len = 64;
+    let trained = train(&opts).unwrap();
+    assert_eq!(
+        trained.report.fresh_head,
+        ["classifier.bias", "classifier.weight"]
+    );
+}
+
+#[test]
+fn a_bad_training_line_is_reported_with_its_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"在吗\", \"label\": \"greeting\"}\n{\"text\": \"hi\"}\n",
+    )
+    .unwrap();
+    let opts = options(
+        Task::Intent,
+        data.clone(),
+        data,
+        dir.path().join("m"),
+        tiny(),
+    );
+    let err = train(&opts).err().expect("bad data is refused").to_string();
+    assert!(err.contains("bad.jsonl:2:"), "{err}");
+    assert!(
+        !dir.path().join("m").exists(),
+        "nothing written for bad input"
+    );
+}
+
+fn kefu() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kefu"))
+}
+
+#[test]
+fn the_cli_classifies_and_evaluates() {
+    let out = kefu()
+        .args(["classify", "--model"])
+        .arg(fixture("tiny-bert"))
+        .args(["你好，在吗？", "Where is my parcel?"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["language"], "zh");
+    assert_eq!(lines[1]["language"], "en");
+    assert_eq!(lines[0]["probabilities"].as_array().unwrap().len(), 3);
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("eval.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"质量太差了\", \"label\": \"negative\"}\n{\"text\": \"在吗\", \"label\": \"neutral\"}\n",
+    )
+    .unwrap();
+    let out = kefu()
+        .args(["eval", "--json", "--model"])
+        .arg(fixture("tiny-bert"))
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["n"], 2);
+    assert!(m["accuracy"].is_number() && m["macro_f1"].is_number());
+    assert_eq!(m["confusion"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in [
+        vec![],
+        vec!["serve"],
+        vec!["classify"],
+        vec!["train"],
+        vec!["eval"],
+    ] {
+        let out = kefu().args(&cmd).arg("--help").output().unwrap();
+        assert!(out.status.success(), "kefu {cmd:?} --help failed");
+        assert!(!out.stdout.is_empty());
+    }
+    let out = kefu().args(["train", "--task", "intent"]).output().unwrap();
+    assert!(!out.status.success(), "missing arguments are refused");
+}
