@@ -49,6 +49,9 @@ pub enum Command {
     /// Accuracy, macro-F1, per-label precision/recall and the confusion
     /// matrix of a checkpoint on labelled JSONL.
     Eval(EvalArgs),
+    /// Try a generative model: render kefu's prompts for a message and print
+    /// the reply (whole, or token by token with --stream).
+    Generate(GenerateArgs),
     /// Measure speed and memory next to a peer (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -138,6 +141,43 @@ pub struct TrainArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A GGUF file, or a Hugging Face model directory with safetensors.
+    #[arg(
+        long,
+        default_value = "models/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct.gguf"
+    )]
+    pub model: PathBuf,
+    /// The customer's message.
+    pub message: String,
+    /// Print the reply as it is generated.
+    #[arg(long)]
+    pub stream: bool,
+    /// The intent whose instructions go into the system prompt.
+    #[arg(long, default_value = "other")]
+    pub intent: String,
+    /// Prompt templates directory.
+    #[arg(long, default_value = "prompts")]
+    pub prompts: PathBuf,
+    /// Sampling temperature; 0 is greedy (repeatable).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 160)]
+    pub max_new_tokens: u32,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout_secs: f64,
+    /// Run on the CPU even when built with CUDA and a GPU is present.
+    #[arg(long)]
+    pub cpu: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct EvalArgs {
     /// A `BertForSequenceClassification` checkpoint directory.
     #[arg(long)]
@@ -163,6 +203,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Classify(args) => tokio::task::spawn_blocking(move || classify_cmd(args)).await?,
         Command::Train(args) => tokio::task::spawn_blocking(move || train_cmd(args)).await?,
         Command::Eval(args) => tokio::task::spawn_blocking(move || eval_cmd(args)).await?,
+        Command::Generate(args) => generate_cmd(args).await,
         Command::Bench(BenchCommand::Classify(args)) => {
             tokio::task::spawn_blocking(move || crate::bench::classify(&args)).await?
         }
@@ -293,5 +334,80 @@ fn eval_cmd(args: EvalArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", metrics.render());
     }
+    Ok(())
+}
+
+async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
+    use crate::generate::mistral::{MistralGenerator, Options};
+    use crate::generate::prompt::{PromptContext, PromptSettings, Prompts};
+    use crate::generate::{Event, Generator, Request, Sampling};
+
+    if !classify::INTENT_LABELS.contains(&args.intent.as_str()) {
+        anyhow::bail!(
+            "--intent {:?} is not one of {}",
+            args.intent,
+            classify::INTENT_LABELS.join(", ")
+        );
+    }
+    let prompts = Prompts::load(&args.prompts, PromptSettings::default())?;
+    let generator = MistralGenerator::load(
+        &args.model,
+        &Options {
+            force_cpu: args.cpu,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let language = Language::detect(&args.message);
+    let mut ctx = PromptContext::sample(language, &args.intent);
+    ctx.message = args.message.clone();
+    ctx.history.clear();
+    ctx.profile.clear();
+    ctx.order_id.clear();
+    let request = Request {
+        messages: prompts.messages(&ctx)?,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            max_new_tokens: args.max_new_tokens,
+            stop: args.stop.clone(),
+        },
+        deadline: std::time::Instant::now() + std::time::Duration::from_secs_f64(args.timeout_secs),
+    };
+    let started = std::time::Instant::now();
+    let mut first: Option<f64> = None;
+    let mut stream = generator.stream(request).await?;
+    let mut out = std::io::stdout();
+    let mut text = String::new();
+    let usage = loop {
+        match stream.recv().await {
+            Some(Ok(Event::Delta(d))) => {
+                first.get_or_insert(started.elapsed().as_secs_f64());
+                if args.stream {
+                    write!(out, "{d}")?;
+                    out.flush()?;
+                }
+                text.push_str(&d);
+            }
+            Some(Ok(Event::Done(u))) => break u,
+            Some(Err(e)) => return Err(e.into()),
+            None => anyhow::bail!("the generator stopped without finishing the reply"),
+        }
+    };
+    if args.stream {
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{text}")?;
+    }
+    eprintln!(
+        "[{} | {} prompt tokens at {:.1}/s, {} generated at {:.1}/s, first token after {:.2} s, finish: {}]",
+        generator.device(),
+        usage.prompt_tokens,
+        usage.prompt_tokens_per_second,
+        usage.completion_tokens,
+        usage.completion_tokens_per_second,
+        first.unwrap_or(0.0),
+        usage.finish_reason
+    );
     Ok(())
 }

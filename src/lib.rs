@@ -5,15 +5,16 @@
 //! Everything lives in this library; `src/main.rs` only parses the command
 //! line and calls in, so tests run the real server in-process.
 //!
-//! Dependencies point inward: [`service`] (tonic) calls [`classify`] (candle);
-//! only `service` touches tonic and prost types, only `classify` touches
-//! candle.
+//! Dependencies point inward: [`service`] (tonic) calls [`classify`] (candle)
+//! and [`generate`] (mistral.rs); only `service` touches tonic and prost
+//! types, only `classify` touches candle, only `generate` touches mistral.rs.
 
 pub mod bench;
 pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod service;
 pub mod telemetry;
 

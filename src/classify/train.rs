@@ -5,6 +5,7 @@
 //! by dev accuracy kept and written atomically in the Hugging Face layout.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
@@ -333,11 +334,16 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
         total = total.min(max);
     }
     let warmup = ((total as f64) * opts.warmup_ratio).round() as usize;
-    let bar = if opts.progress {
+    // A live bar on a terminal; in logs (CI, nohup) a plain line every ~5%.
+    let tty = std::io::stderr().is_terminal();
+    let bar = if opts.progress && tty {
         ProgressBar::new(total as u64)
     } else {
         ProgressBar::hidden()
     };
+    let plain = opts.progress && !tty;
+    let every = (total / 20).max(1);
+    let started = std::time::Instant::now();
     bar.set_style(
         ProgressStyle::with_template(
             "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
@@ -394,6 +400,12 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
             ema = Some(e);
             bar.set_message(format!("epoch {epoch}  loss {e:.4}  lr {lr:.2e}"));
             bar.inc(1);
+            if plain && step % every == 0 {
+                eprintln!(
+                    "step {step}/{total}  epoch {epoch}  loss {e:.4}  lr {lr:.2e}  {:.0} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
         }
         if epoch_steps == 0 {
             break 'epochs;
@@ -408,10 +420,15 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
         let mean_loss = epoch_loss / epoch_steps as f64;
         report.epoch_losses.push(mean_loss);
         let best = acc > report.best_dev_accuracy;
-        bar.println(format!(
+        let line = format!(
             "epoch {epoch}: train loss {mean_loss:.4}, dev accuracy {acc:.4}{}",
             if best { " (best so far, saved)" } else { "" }
-        ));
+        );
+        if plain {
+            eprintln!("{line}");
+        } else if opts.progress {
+            bar.println(line);
+        }
         if best {
             report.best_dev_accuracy = acc;
             report.best_epoch = epoch;

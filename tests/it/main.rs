@@ -4,5 +4,6 @@
 
 mod classifier;
 mod common;
+mod generator;
 mod server;
 mod training;

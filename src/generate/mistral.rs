@@ -1,0 +1,263 @@
+//! The in-process generator: mistral.rs on a local GGUF file or Hugging Face
+//! model directory, on the GPU when kefu is built with `--features cuda` and
+//! one is present, otherwise on the CPU.
+//!
+//! Replies always go through mistral.rs' streaming API: dropping its stream is
+//! what stops a sequence (a dropped non-streaming request keeps generating),
+//! so a caller that goes away or a missed deadline frees the model at once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use mistralrs::{
+    GgufModelBuilder, Model, RequestBuilder, Response, SamplingParams, StopTokens, TextMessageRole,
+    TextModelBuilder, TokenSource,
+};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::{Error, Event, Generator, ReplyStream, Request, Role, StopFilter, Usage};
+
+/// How to load and run the model.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Run on the CPU even when a GPU is available.
+    pub force_cpu: bool,
+    /// Replies generated at once (batched by mistral.rs); past it callers
+    /// get `Overloaded`.
+    pub max_concurrent: usize,
+    /// Conversations whose KV cache mistral.rs keeps for reuse; 0 disables
+    /// prefix caching.
+    pub prefix_cache: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            force_cpu: false,
+            max_concurrent: 8,
+            prefix_cache: 16,
+        }
+    }
+}
+
+pub struct MistralGenerator {
+    model: Arc<Model>,
+    permits: Arc<Semaphore>,
+    max_concurrent: usize,
+    device: String,
+    path: PathBuf,
+}
+
+/// Where the model will run, and why.
+pub fn choose_device(force_cpu: bool) -> (bool, &'static str) {
+    if force_cpu {
+        return (false, "CPU forced by configuration");
+    }
+    if !cfg!(feature = "cuda") {
+        return (false, "built without the cuda feature");
+    }
+    match mistralrs::best_device(false) {
+        Ok(d) if d.is_cuda() => (true, "CUDA device 0 found"),
+        _ => (false, "no usable CUDA device found"),
+    }
+}
+
+impl MistralGenerator {
+    /// Loads a `.gguf` file, or a directory with `config.json`,
+    /// `tokenizer.json` and safetensors. Never contacts a model hub: a path
+    /// that does not exist is an error here, not a hub lookup.
+    pub async fn load(path: &Path, options: &Options) -> Result<Self, Error> {
+        let fail = |reason: String| Error::Load {
+            path: path.display().to_string(),
+            reason,
+        };
+        if !path.exists() {
+            return Err(fail(
+                "no such file or directory; run `make models` or pass --generator-model".into(),
+            ));
+        }
+        let (gpu, why) = choose_device(options.force_cpu);
+        let max_seqs = options.max_concurrent.max(1);
+        let prefix = (options.prefix_cache > 0).then_some(options.prefix_cache);
+        let started = std::time::Instant::now();
+        let model = if path.is_file() {
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let file = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .ok_or_else(|| fail("the file name is not UTF-8".into()))?;
+            let mut b = GgufModelBuilder::new(dir.display().to_string(), vec![file.to_string()])
+                .with_token_source(TokenSource::None)
+                .with_max_num_seqs(max_seqs)
+                .with_prefix_cache_n(prefix);
+            if !gpu {
+                b = b.with_force_cpu();
+            }
+            b.build().await
+        } else {
+            let mut b = TextModelBuilder::new(path.display().to_string())
+                .with_token_source(TokenSource::None)
+                .with_max_num_seqs(max_seqs)
+                .with_prefix_cache_n(prefix);
+            if !gpu {
+                b = b.with_force_cpu();
+            }
+            b.build().await
+        }
+        .map_err(|e| fail(format!("{e:#}")))?;
+        let device = match model.config() {
+            Ok(c) if c.device.is_cuda() => "cuda:0".to_string(),
+            Ok(_) => "cpu".to_string(),
+            Err(_) => if gpu { "cuda:0" } else { "cpu" }.to_string(),
+        };
+        tracing::info!(
+            model = %path.display(),
+            device = %device,
+            reason = why,
+            seconds = started.elapsed().as_secs_f32(),
+            "generator loaded"
+        );
+        Ok(Self {
+            model: Arc::new(model),
+            permits: Arc::new(Semaphore::new(max_seqs)),
+            max_concurrent: max_seqs,
+            device,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn request_builder(req: &Request) -> RequestBuilder {
+    let mut b = RequestBuilder::new();
+    for m in &req.messages {
+        let role = match m.role {
+            Role::System => TextMessageRole::System,
+            Role::User => TextMessageRole::User,
+            Role::Assistant => TextMessageRole::Assistant,
+        };
+        b = b.add_message(role, &m.content);
+    }
+    let s = &req.sampling;
+    let greedy = s.temperature <= 0.0;
+    b.set_sampling(SamplingParams {
+        temperature: Some(if greedy { 0.0 } else { s.temperature as f64 }),
+        // RequestBuilder starts from top_k = 1 (greedy); sampling must clear it.
+        top_k: if greedy { Some(1) } else { None },
+        top_p: (!greedy && s.top_p < 1.0).then_some(s.top_p as f64),
+        max_len: Some(s.max_new_tokens.max(1) as usize),
+        // Stop strings are also cut here, in kefu, because mistral.rs' stream
+        // lets the start of a multi-token stop string through.
+        stop_toks: (!s.stop.is_empty()).then(|| StopTokens::Seqs(s.stop.clone())),
+        ..SamplingParams::deterministic()
+    })
+    .with_truncate_sequence(true)
+}
+
+#[async_trait]
+impl Generator for MistralGenerator {
+    async fn stream(&self, request: Request) -> Result<ReplyStream, Error> {
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Overloaded(self.max_concurrent))?;
+        let (tx, rx) = mpsc::channel(64);
+        let model = self.model.clone();
+        tokio::spawn(async move {
+            // The slot is released before the final event is sent, so a
+            // caller that has its whole reply can start the next one at once.
+            let mut permit = Some(permit);
+            let deadline = tokio::time::Instant::from_std(request.deadline);
+            let mut filter = StopFilter::new(&request.sampling.stop);
+            let builder = request_builder(&request);
+            let started =
+                tokio::time::timeout_at(deadline, model.stream_chat_request(builder)).await;
+            let mut stream = match started {
+                Err(_) => {
+                    drop(permit.take());
+                    let _ = tx.send(Err(Error::DeadlineExceeded)).await;
+                    return;
+                }
+                Ok(Err(e)) => {
+                    drop(permit.take());
+                    let _ = tx.send(Err(Error::Failed(e.to_string()))).await;
+                    return;
+                }
+                Ok(Ok(s)) => s,
+            };
+            let mut usage = Usage::default();
+            loop {
+                let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Err(_) => {
+                        // Dropping the stream (on return) cancels the sequence.
+                        drop(permit.take());
+                        let _ = tx.send(Err(Error::DeadlineExceeded)).await;
+                        return;
+                    }
+                    Ok(next) => next,
+                };
+                let Some(response) = next else { break };
+                match response {
+                    Response::Chunk(chunk) => {
+                        if let Some(u) = &chunk.usage {
+                            usage.prompt_tokens = u.prompt_tokens;
+                            usage.completion_tokens = u.completion_tokens;
+                            usage.prompt_tokens_per_second = u.avg_prompt_tok_per_sec as f64;
+                            usage.completion_tokens_per_second = u.avg_compl_tok_per_sec as f64;
+                        }
+                        let Some(choice) = chunk.choices.first() else {
+                            continue;
+                        };
+                        if let Some(delta) = &choice.delta.content {
+                            let out = filter.push(delta);
+                            if !out.is_empty() && tx.send(Ok(Event::Delta(out))).await.is_err() {
+                                return; // the caller went away: stop generating
+                            }
+                        }
+                        if filter.stopped() {
+                            usage.finish_reason = "stop_string".into();
+                            break;
+                        }
+                        if let Some(reason) = &choice.finish_reason {
+                            usage.finish_reason = reason.clone();
+                            break;
+                        }
+                    }
+                    Response::ModelError(message, _) => {
+                        drop(permit.take());
+                        let _ = tx.send(Err(Error::Failed(message))).await;
+                        return;
+                    }
+                    Response::ValidationError(e) | Response::InternalError(e) => {
+                        drop(permit.take());
+                        let _ = tx.send(Err(Error::Failed(e.to_string()))).await;
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+            let rest = filter.finish();
+            if !rest.is_empty() && tx.send(Ok(Event::Delta(rest))).await.is_err() {
+                return;
+            }
+            if usage.finish_reason.is_empty() {
+                usage.finish_reason = "stop".into();
+            }
+            drop(permit.take());
+            let _ = tx.send(Ok(Event::Done(usage))).await;
+        });
+        Ok(rx)
+    }
+
+    fn device(&self) -> String {
+        self.device.clone()
+    }
+}

@@ -1,0 +1,425 @@
+//! The prompts replies are built from: `prompts/{zh,en}/*.j2`, rendered with
+//! minijinja. Every template is compiled and rendered against sample
+//! contexts at start, so a missing file, a syntax error or an unknown
+//! variable stops the server with the file and line instead of failing a
+//! customer's message later.
+
+use std::path::{Path, PathBuf};
+
+use minijinja::{Environment, UndefinedBehavior};
+use serde::Serialize;
+
+use super::{Error, Message, Role};
+use crate::classify::{Language, INTENT_LABELS};
+
+/// The templates every language must have.
+pub const TEMPLATES: [&str; 6] = [
+    "system", "intents", "user", "clarify", "escalate", "fallback",
+];
+
+/// A past turn, as the prompt shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryTurn {
+    /// "customer", "bot" or "agent".
+    pub author: String,
+    pub text: String,
+}
+
+/// Everything a template may use.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptContext {
+    pub message: String,
+    pub language: Language,
+    pub intent: String,
+    pub sentiment: String,
+    /// Up to three likely intents, most likely first, in the customer's
+    /// language (for clarifying questions).
+    pub top_intents: Vec<String>,
+    /// The platform's order id, if any.
+    pub order_id: String,
+    /// A short profile summary; empty for a new customer.
+    pub profile: String,
+    /// "normal" or "high" (escalations).
+    pub priority: String,
+    /// Recent turns, oldest first, already cut to the token budget.
+    pub history: Vec<HistoryTurn>,
+}
+
+impl PromptContext {
+    /// A context with sample values, for validation and tests.
+    pub fn sample(language: Language, intent: &str) -> Self {
+        Self {
+            message: "我的快递到哪了".into(),
+            language,
+            intent: intent.into(),
+            sentiment: "neutral".into(),
+            top_intents: vec!["order_status".into(), "return_refund".into()],
+            order_id: "4512876390123".into(),
+            profile: "returning customer, 3 messages, mostly neutral".into(),
+            priority: "high".into(),
+            history: vec![HistoryTurn {
+                author: "customer".into(),
+                text: "在吗".into(),
+            }],
+        }
+    }
+}
+
+/// Settings the templates see besides the context.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptSettings {
+    pub shop_name: String,
+    pub max_sentences: u32,
+}
+
+impl Default for PromptSettings {
+    fn default() -> Self {
+        Self {
+            shop_name: "kefu".into(),
+            max_sentences: 3,
+        }
+    }
+}
+
+pub struct Prompts {
+    env: Environment<'static>,
+    dir: PathBuf,
+    settings: PromptSettings,
+}
+
+/// Human-readable intent names, for prompts and clarifying questions.
+pub fn intent_label(intent: &str, lang: Language) -> &'static str {
+    let zh = matches!(lang, Language::Zh);
+    match intent {
+        "greeting" => {
+            if zh {
+                "打招呼"
+            } else {
+                "a greeting"
+            }
+        }
+        "order_status" => {
+            if zh {
+                "订单物流"
+            } else {
+                "your order's delivery"
+            }
+        }
+        "return_refund" => {
+            if zh {
+                "退换货和退款"
+            } else {
+                "a return or refund"
+            }
+        }
+        "product_inquiry" => {
+            if zh {
+                "商品信息"
+            } else {
+                "product details"
+            }
+        }
+        "recommendation" => {
+            if zh {
+                "选购推荐"
+            } else {
+                "a recommendation"
+            }
+        }
+        "promotion" => {
+            if zh {
+                "优惠活动"
+            } else {
+                "discounts and coupons"
+            }
+        }
+        "payment_invoice" => {
+            if zh {
+                "支付和发票"
+            } else {
+                "payment or an invoice"
+            }
+        }
+        "account" => {
+            if zh {
+                "账号和会员"
+            } else {
+                "your account"
+            }
+        }
+        "complaint" => {
+            if zh {
+                "投诉"
+            } else {
+                "a complaint"
+            }
+        }
+        "human_agent" => {
+            if zh {
+                "人工客服"
+            } else {
+                "a human agent"
+            }
+        }
+        _ => {
+            if zh {
+                "其他问题"
+            } else {
+                "something else"
+            }
+        }
+    }
+}
+
+fn template_error(file: &str, e: &minijinja::Error) -> Error {
+    let mut reason = e.to_string();
+    if let Some(line) = e.line() {
+        reason = format!("line {line}: {reason}");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        reason.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    Error::Template {
+        file: file.into(),
+        reason,
+    }
+}
+
+impl Prompts {
+    /// Loads and validates every template under `dir`.
+    pub fn load(dir: &Path, settings: PromptSettings) -> Result<Self, Error> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_trim_blocks(true);
+        for lang in ["zh", "en"] {
+            for name in TEMPLATES {
+                let rel = format!("{lang}/{name}.j2");
+                let path = dir.join(&rel);
+                let source = std::fs::read_to_string(&path).map_err(|e| Error::Template {
+                    file: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                env.add_template_owned(rel.clone(), source)
+                    .map_err(|e| template_error(&path.display().to_string(), &e))?;
+            }
+        }
+        let prompts = Self {
+            env,
+            dir: dir.to_path_buf(),
+            settings,
+        };
+        prompts.validate()?;
+        Ok(prompts)
+    }
+
+    /// Renders every template for every intent in both languages.
+    fn validate(&self) -> Result<(), Error> {
+        for lang in [Language::Zh, Language::En] {
+            for intent in INTENT_LABELS {
+                let mut ctx = PromptContext::sample(lang, intent);
+                self.messages(&ctx)?;
+                ctx.order_id.clear();
+                ctx.profile.clear();
+                ctx.top_intents.truncate(1);
+                ctx.priority = "normal".into();
+                self.messages(&ctx)?;
+                for name in ["clarify", "escalate", "fallback"] {
+                    let text = self.render(name, &ctx)?;
+                    if text.trim().is_empty() {
+                        return Err(Error::Template {
+                            file: self.path(lang, name),
+                            reason: format!("renders to nothing for intent {intent}"),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn path(&self, lang: Language, name: &str) -> String {
+        self.dir
+            .join(format!("{}/{name}.j2", lang.code()))
+            .display()
+            .to_string()
+    }
+
+    fn render(&self, name: &str, ctx: &PromptContext) -> Result<String, Error> {
+        let rel = format!("{}/{name}.j2", ctx.language.code());
+        let template = self
+            .env
+            .get_template(&rel)
+            .map_err(|e| template_error(&self.path(ctx.language, name), &e))?;
+        let top: Vec<&str> = ctx
+            .top_intents
+            .iter()
+            .map(|i| intent_label(i, ctx.language))
+            .collect();
+        template
+            .render(minijinja::context! {
+                shop_name => &self.settings.shop_name,
+                max_sentences => self.settings.max_sentences,
+                intent_label => intent_label(&ctx.intent, ctx.language),
+                top_intents => top,
+                ..minijinja::Value::from_serialize(ctx)
+            })
+            .map(|s| s.trim().to_string())
+            .map_err(|e| template_error(&self.path(ctx.language, name), &e))
+    }
+
+    /// The chat to send to the generator: the system prompt (with the
+    /// intent's instructions), the recent history, then the message.
+    pub fn messages(&self, ctx: &PromptContext) -> Result<Vec<Message>, Error> {
+        let mut out = vec![Message::new(Role::System, self.render("system", ctx)?)];
+        for turn in &ctx.history {
+            let role = if turn.author == "customer" {
+                Role::User
+            } else {
+                Role::Assistant
+            };
+            out.push(Message::new(role, turn.text.clone()));
+        }
+        out.push(Message::new(Role::User, self.render("user", ctx)?));
+        Ok(out)
+    }
+
+    /// The clarifying question for an unclear message.
+    pub fn clarify(&self, ctx: &PromptContext) -> Result<String, Error> {
+        self.render("clarify", ctx)
+    }
+
+    /// What the customer is told when a person takes over.
+    pub fn escalation_notice(&self, ctx: &PromptContext) -> Result<String, Error> {
+        self.render("escalate", ctx)
+    }
+
+    /// The fixed reply when the generator is unavailable.
+    pub fn fallback(&self, ctx: &PromptContext) -> Result<String, Error> {
+        self.render("fallback", ctx)
+    }
+}
+
+/// A rough token count for budgeting history: one per CJK character, one
+/// per four other characters.
+pub fn approx_tokens(text: &str) -> usize {
+    let (mut cjk, mut other) = (0usize, 0usize);
+    for c in text.chars() {
+        if (c as u32) >= 0x2E80 {
+            cjk += 1;
+        } else {
+            other += 1;
+        }
+    }
+    cjk + other.div_ceil(4)
+}
+
+/// The most recent turns that fit in `budget` tokens, oldest first.
+pub fn bounded_history(turns: &[HistoryTurn], budget: usize) -> Vec<HistoryTurn> {
+    let mut used = 0;
+    let mut out: Vec<HistoryTurn> = Vec::new();
+    for t in turns.iter().rev() {
+        let cost = approx_tokens(&t.text) + 4;
+        if used + cost > budget {
+            break;
+        }
+        used += cost;
+        out.push(t.clone());
+    }
+    out.reverse();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_prompts() -> Prompts {
+        Prompts::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("prompts"),
+            PromptSettings::default(),
+        )
+        .expect("the shipped templates are valid")
+    }
+
+    #[test]
+    fn every_template_renders_in_both_languages() {
+        let p = repo_prompts();
+        for lang in [Language::Zh, Language::En] {
+            for intent in INTENT_LABELS {
+                let ctx = PromptContext::sample(lang, intent);
+                let msgs = p.messages(&ctx).unwrap();
+                assert_eq!(msgs[0].role, Role::System);
+                assert!(
+                    msgs[0].content.contains(intent_label(intent, lang)),
+                    "{lang:?} {intent}"
+                );
+                assert_eq!(msgs.last().unwrap().content, ctx.message);
+                assert_eq!(msgs.len(), 3, "system, one history turn, the message");
+                assert!(!p.clarify(&ctx).unwrap().is_empty());
+                assert!(!p.escalation_notice(&ctx).unwrap().is_empty());
+                assert!(!p.fallback(&ctx).unwrap().is_empty());
+            }
+        }
+        let zh = PromptContext::sample(Language::Zh, "order_status");
+        assert!(p.messages(&zh).unwrap()[0]
+            .content
+            .contains("4512876390123"));
+        assert!(p.clarify(&zh).unwrap().contains("订单物流"));
+        let en = PromptContext::sample(Language::En, "complaint");
+        assert!(p.escalation_notice(&en).unwrap().contains("priority"));
+    }
+
+    fn broken(file: &str, source: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("prompts");
+        for lang in ["zh", "en"] {
+            std::fs::create_dir_all(dir.path().join(lang)).unwrap();
+            for name in TEMPLATES {
+                let rel = format!("{lang}/{name}.j2");
+                std::fs::copy(src.join(&rel), dir.path().join(&rel)).unwrap();
+            }
+        }
+        std::fs::write(dir.path().join(file), source).unwrap();
+        match Prompts::load(dir.path(), PromptSettings::default()) {
+            Ok(_) => panic!("a broken {file} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_broken_template_is_refused_with_file_and_line() {
+        let err = broken("en/clarify.j2", "Hello\n{% if %}\n");
+        assert!(
+            err.contains("en/clarify.j2") && err.contains("line 2"),
+            "{err}"
+        );
+        let err = broken("zh/system.j2", "你好 {{ no_such_variable }}");
+        assert!(
+            err.contains("zh/system.j2") && err.contains("line 1"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let err = Prompts::load(dir.path(), PromptSettings::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("zh/system.j2"), "{err}");
+    }
+
+    #[test]
+    fn history_keeps_the_latest_turns_within_budget() {
+        let turns: Vec<HistoryTurn> = (0..10)
+            .map(|i| HistoryTurn {
+                author: "customer".into(),
+                text: format!("第{i}条消息内容"),
+            })
+            .collect();
+        let kept = bounded_history(&turns, 30);
+        assert!(!kept.is_empty() && kept.len() < 10);
+        assert_eq!(kept.last().unwrap().text, "第9条消息内容");
+        assert_eq!(approx_tokens("快递到哪"), 4);
+        assert_eq!(approx_tokens("where is it"), 3);
+    }
+}
