@@ -259,3 +259,250 @@ pub fn classify(args: &ClassifyBenchArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateBenchArgs {
+    /// GGUF files to measure; both default models when none is given.
+    #[arg(long = "model")]
+    pub models: Vec<PathBuf>,
+    /// Threads for both mistral.rs (RAYON_NUM_THREADS) and llama.cpp.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Tokens to generate per reply.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: u32,
+    /// Replies per model (the first one warms up and is not counted).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Python with llama-cpp-python; empty skips the llama.cpp side.
+    #[arg(long, env = "KEFU_BENCH_PYTHON", default_value = "python3")]
+    pub llama_python: String,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One model's generation speed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GenerateResult {
+    pub model: String,
+    pub prompt_tokens: usize,
+    pub prompt_tokens_per_second: f64,
+    pub decode_tokens_per_second: f64,
+    pub time_to_first_token_seconds: f64,
+}
+
+const BENCH_SYSTEM: &str =
+    "You are the customer-service assistant of an online shop. Answer politely \
+     and briefly, never invent order facts, and ask for the order number when you need it.";
+const BENCH_USER: &str =
+    "Hello, I ordered a pair of running shoes last Tuesday and the tracking page \
+     has not changed for three days. Can you tell me what is going on and when it will arrive?";
+
+fn default_generators() -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
+    vec![
+        root.join("qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct.gguf"),
+        root.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ]
+}
+
+async fn run_mistral(
+    path: &std::path::Path,
+    args: &GenerateBenchArgs,
+) -> anyhow::Result<GenerateResult> {
+    use crate::generate::mistral::{MistralGenerator, Options};
+    use crate::generate::{Event, Generator, Message, Request, Role, Sampling};
+
+    let generator = MistralGenerator::load(
+        path,
+        &Options {
+            force_cpu: false,
+            max_concurrent: 1,
+            // Every run sends the same prompt: a prefix cache would skip prefill.
+            prefix_cache: 0,
+        },
+    )
+    .await?;
+    let mut results = Vec::new();
+    for run in 0..args.runs.max(2) {
+        let request = Request {
+            messages: vec![
+                Message::new(Role::System, BENCH_SYSTEM),
+                Message::new(Role::User, BENCH_USER),
+            ],
+            sampling: Sampling {
+                temperature: 0.0,
+                top_p: 1.0,
+                max_new_tokens: args.max_new_tokens,
+                stop: Vec::new(),
+            },
+            deadline: Instant::now() + Duration::from_secs(600),
+        };
+        let started = Instant::now();
+        let mut first = None;
+        let mut stream = generator.stream(request).await?;
+        let usage = loop {
+            match stream.recv().await {
+                Some(Ok(Event::Delta(_))) => {
+                    first.get_or_insert(started.elapsed().as_secs_f64());
+                }
+                Some(Ok(Event::Done(u))) => break u,
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("the reply stream ended early"),
+            }
+        };
+        if run > 0 {
+            results.push(GenerateResult {
+                model: path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                prompt_tokens: usage.prompt_tokens,
+                prompt_tokens_per_second: usage.prompt_tokens_per_second,
+                decode_tokens_per_second: usage.completion_tokens_per_second,
+                time_to_first_token_seconds: first.unwrap_or(0.0),
+            });
+        }
+    }
+    Ok(mean(&results))
+}
+
+fn mean(results: &[GenerateResult]) -> GenerateResult {
+    let n = results.len().max(1) as f64;
+    let mut m = results.first().cloned().unwrap_or_default();
+    m.prompt_tokens_per_second = results
+        .iter()
+        .map(|r| r.prompt_tokens_per_second)
+        .sum::<f64>()
+        / n;
+    m.decode_tokens_per_second = results
+        .iter()
+        .map(|r| r.decode_tokens_per_second)
+        .sum::<f64>()
+        / n;
+    m.time_to_first_token_seconds = results
+        .iter()
+        .map(|r| r.time_to_first_token_seconds)
+        .sum::<f64>()
+        / n;
+    m
+}
+
+fn run_llama(path: &std::path::Path, args: &GenerateBenchArgs) -> anyhow::Result<GenerateResult> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/generate_llama.py");
+    let out = Command::new(&args.llama_python)
+        .arg(&script)
+        .arg("--model")
+        .arg(path)
+        .args(["--threads", &args.threads.to_string()])
+        .args(["--max-new-tokens", &args.max_new_tokens.to_string()])
+        .args(["--runs", &args.runs.max(2).to_string()])
+        .args(["--system", BENCH_SYSTEM, "--user", BENCH_USER])
+        .output()
+        .with_context(|| format!("running {} {}", args.llama_python, script.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "the llama.cpp side failed (needs llama-cpp-python in {}): {}",
+            args.llama_python,
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    let text = String::from_utf8(out.stdout)?;
+    Ok(serde_json::from_str(
+        text.lines().last().unwrap_or_default(),
+    )?)
+}
+
+/// mistral.rs (in kefu) and llama.cpp on the same GGUF files, prompt and
+/// thread count.
+pub async fn generate(args: &GenerateBenchArgs) -> anyhow::Result<()> {
+    // mistral.rs and candle size their CPU thread pools from this variable.
+    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    let models = if args.models.is_empty() {
+        default_generators()
+    } else {
+        args.models.clone()
+    };
+    let mut rows = Vec::new();
+    for path in &models {
+        eprintln!("bench: mistral.rs on {}", path.display());
+        let ours = run_mistral(path, args).await?;
+        let theirs = if args.llama_python.is_empty() {
+            None
+        } else {
+            eprintln!("bench: llama.cpp on {}", path.display());
+            let (a, p) = (args.clone(), path.clone());
+            match tokio::task::spawn_blocking(move || run_llama(&p, &a)).await? {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    eprintln!("bench: {e:#}");
+                    None
+                }
+            }
+        };
+        rows.push((ours, theirs));
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|(o, t)| serde_json::json!({"mistralrs": o, "llama_cpp": t}))
+            .collect();
+        writeln!(out, "{}", serde_json::Value::Array(rows))?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "| model | metric | mistral.rs (kefu) | llama.cpp | kefu / llama.cpp |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|")?;
+    for (o, t) in &rows {
+        let line = |out: &mut std::io::StdoutLock,
+                    metric: &str,
+                    ours: f64,
+                    theirs: Option<f64>,
+                    higher_better: bool| {
+            let ratio = theirs.map(|t| if higher_better { ours / t } else { t / ours });
+            writeln!(
+                out,
+                "| {} | {metric} | {ours:.2} | {} | {} |",
+                o.model,
+                theirs.map_or("-".into(), |t| format!("{t:.2}")),
+                ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+            )
+        };
+        line(
+            &mut out,
+            "prompt tokens/s",
+            o.prompt_tokens_per_second,
+            t.as_ref().map(|t| t.prompt_tokens_per_second),
+            true,
+        )?;
+        line(
+            &mut out,
+            "decode tokens/s",
+            o.decode_tokens_per_second,
+            t.as_ref().map(|t| t.decode_tokens_per_second),
+            true,
+        )?;
+        line(
+            &mut out,
+            "time to first token (s)",
+            o.time_to_first_token_seconds,
+            t.as_ref().map(|t| t.time_to_first_token_seconds),
+            false,
+        )?;
+    }
+    writeln!(
+        out,
+        "\n{} threads, {} new tokens, greedy, mean of {} runs after one warm-up",
+        args.threads,
+        args.max_new_tokens,
+        args.runs.max(2) - 1
+    )?;
+    Ok(())
+}

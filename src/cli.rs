@@ -62,6 +62,9 @@ pub enum BenchCommand {
     /// Classifier messages/s at batch 1 and 32, short and long texts, and
     /// peak memory, next to PyTorch transformers on the same checkpoint.
     Classify(crate::bench::ClassifyBenchArgs),
+    /// Generation speed (prompt tokens/s, decode tokens/s, time to first
+    /// token) of the default GGUF models, next to llama.cpp.
+    Generate(crate::bench::GenerateBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -175,6 +178,9 @@ pub struct GenerateArgs {
     /// Run on the CPU even when built with CUDA and a GPU is present.
     #[arg(long)]
     pub cpu: bool,
+    /// Print the rendered prompt messages to stderr first.
+    #[arg(long)]
+    pub show_prompt: bool,
 }
 
 #[derive(Debug, Args)]
@@ -204,6 +210,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => tokio::task::spawn_blocking(move || train_cmd(args)).await?,
         Command::Eval(args) => tokio::task::spawn_blocking(move || eval_cmd(args)).await?,
         Command::Generate(args) => generate_cmd(args).await,
+        Command::Bench(BenchCommand::Generate(args)) => crate::bench::generate(&args).await,
         Command::Bench(BenchCommand::Classify(args)) => {
             tokio::task::spawn_blocking(move || crate::bench::classify(&args)).await?
         }
@@ -374,6 +381,12 @@ async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
         },
         deadline: std::time::Instant::now() + std::time::Duration::from_secs_f64(args.timeout_secs),
     };
+    if args.show_prompt {
+        for m in &request.messages {
+            eprintln!("--- {:?}\n{}", m.role, m.content);
+        }
+        eprintln!("---");
+    }
     let started = std::time::Instant::now();
     let mut first: Option<f64> = None;
     let mut stream = generator.stream(request).await?;

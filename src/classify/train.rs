@@ -304,7 +304,8 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
     let dev_enc = encode_all(&tok, &dev_ex)?;
     let lengths: Vec<usize> = train_enc.ids.iter().map(Vec::len).collect();
 
-    let (decay, no_decay): (Vec<(String, Var)>, Vec<(String, Var)>) = trainable
+    type Named = Vec<(String, Var)>;
+    let (decay, no_decay): (Named, Named) = trainable
         .varmap
         .data()
         .lock()
@@ -400,7 +401,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
             ema = Some(e);
             bar.set_message(format!("epoch {epoch}  loss {e:.4}  lr {lr:.2e}"));
             bar.inc(1);
-            if plain && step % every == 0 {
+            if plain && step.is_multiple_of(every) {
                 eprintln!(
                     "step {step}/{total}  epoch {epoch}  loss {e:.4}  lr {lr:.2e}  {:.0} s",
                     started.elapsed().as_secs_f64()
