@@ -29,6 +29,8 @@ def main():
     torch.set_num_threads(args.threads)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, torch_dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
+    # kefu truncates to the model's position table as well.
+    max_len = min(args.max_len, model.config.max_position_embeddings)
     with open(args.cases, encoding="utf-8") as f:
         cases = json.load(f)
     results = []
@@ -38,7 +40,7 @@ def main():
             batches = [texts[i:i + batch] for i in range(0, len(texts), batch)]
 
             def run(b):
-                enc = tok(b, padding=True, truncation=True, max_length=args.max_len, return_tensors="pt")
+                enc = tok(b, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
                 return model(**enc).logits.softmax(-1)
 
             run(batches[0])  # warm-up

@@ -208,9 +208,19 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// One `[rows, in] x [in, out]` product over all leading dimensions:
+    /// a single large GEMM instead of one small GEMM per batch row.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.broadcast_matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)
+        let dims = xs.dims();
+        let (lead, dim_in) = dims.split_at(dims.len() - 1);
+        let rows: usize = lead.iter().product();
+        let ys = xs
+            .reshape((rows, dim_in[0]))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        let mut out = lead.to_vec();
+        out.push(self.weight.dim(0)?);
+        ys.reshape(out)
     }
 }
 
