@@ -18,14 +18,17 @@ help:
 	@echo "make eval    accuracy and macro-F1 of the default classifiers on the test files"
 	@echo "make lint    rustfmt and clippy, as CI runs them"
 
-run: models build
+run: models
 	$(KEFU) serve
 
-test: models-test build
+# `cargo test` builds the library, the binary and every test in one go.
+test: models-test
 	$(CARGO) test --all-targets
 
+# The same feature set as `cargo run` (dev-dependencies left out), so `make
+# run` after `make build` compiles nothing.
 build:
-	$(CARGO) build --all-targets
+	$(CARGO) build --bin kefu
 
 models:
 	$(PYTHON) scripts/fetch.py models
@@ -57,7 +60,7 @@ train-intent: models data
 	  --data data/splits/intent-train.jsonl --dev data/splits/intent-dev.jsonl \
 	  --out models/intent
 
-eval: data build
+eval: data
 	$(KEFU) eval --model models/sentiment --data data/splits/sentiment-reviews-test.jsonl
 	$(KEFU) eval --model models/sentiment --data data/sentiment/test.jsonl
 	$(KEFU) eval --model models/intent --data data/intents/test.jsonl
