@@ -84,6 +84,8 @@ pub enum Error {
     Overloaded(usize),
     #[error("the classifier has stopped")]
     Unavailable,
+    #[error("classifier inference failed: {0}")]
+    Inference(String),
     #[error("{0}")]
     Invalid(String),
 }

@@ -149,9 +149,7 @@ fn run(
             Err(e) => {
                 tracing::error!(error = %e, rows = rows.len(), "classifier batch failed");
                 for job in batch {
-                    let _ = job
-                        .reply
-                        .send(Err(Error::Invalid(format!("classifier failed: {e}"))));
+                    let _ = job.reply.send(Err(Error::Inference(e.to_string())));
                 }
             }
         }

@@ -16,9 +16,7 @@ impl From<Error> for Status {
             Error::Classify(e) => match e {
                 classify::Error::Overloaded(_) => Status::resource_exhausted(e.to_string()),
                 classify::Error::Unavailable => Status::unavailable(e.to_string()),
-                classify::Error::Invalid(ref m) if !m.starts_with("classifier failed") => {
-                    Status::invalid_argument(m.clone())
-                }
+                classify::Error::Invalid(ref m) => Status::invalid_argument(m.clone()),
                 other => {
                     tracing::error!(error = %other, "classifier error");
                     Status::internal("the classifier failed; the error is in the server log")
@@ -50,6 +48,10 @@ mod tests {
             ),
             (
                 Error::Classify(classify::Error::Tokenizer("secret path /x".into())),
+                Code::Internal,
+            ),
+            (
+                Error::Classify(classify::Error::Inference("secret shape".into())),
                 Code::Internal,
             ),
         ];
