@@ -17,6 +17,7 @@ pub mod error;
 pub mod generate;
 pub mod route;
 pub mod service;
+pub mod store;
 pub mod telemetry;
 
 pub use error::Error;
