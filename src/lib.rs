@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod redact;
 pub mod route;
 pub mod service;
 pub mod store;
