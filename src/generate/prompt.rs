@@ -347,14 +347,13 @@ mod tests {
     fn every_template_renders_in_both_languages() {
         let p = repo_prompts();
         for lang in [Language::Zh, Language::En] {
+            let mut systems = std::collections::HashSet::new();
             for intent in INTENT_LABELS {
                 let ctx = PromptContext::sample(lang, intent);
                 let msgs = p.messages(&ctx).unwrap();
                 assert_eq!(msgs[0].role, Role::System);
-                assert!(
-                    msgs[0].content.contains(intent_label(intent, lang)),
-                    "{lang:?} {intent}"
-                );
+                // Each intent brings its own instructions into the system prompt.
+                assert!(systems.insert(msgs[0].content.clone()), "{lang:?} {intent}");
                 assert_eq!(msgs.last().unwrap().content, ctx.message);
                 assert_eq!(msgs.len(), 3, "system, one history turn, the message");
                 assert!(!p.clarify(&ctx).unwrap().is_empty());
