@@ -38,6 +38,17 @@ pub struct ServeArgs {
     #[arg(long, env = "KEFU_MAX_CLASSIFY_TEXTS", default_value_t = 64)]
     pub max_classify_texts: usize,
 
+    /// API keys file: one `role sha256-hex` line per key (roles: platform,
+    /// agent, marketing, admin). Without any keys kefu admits every call and
+    /// only listens on loopback.
+    #[arg(long, env = "KEFU_KEYS_FILE")]
+    pub keys_file: Option<PathBuf>,
+
+    /// API keys as `role:key` pairs separated by commas (each key at least
+    /// 16 characters). Prefer --keys-file: it holds hashes only.
+    #[arg(long, env = "KEFU_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<Secret>,
+
     /// Seconds that in-flight calls get to finish after SIGINT/SIGTERM;
     /// streams still open then (watches) are closed.
     #[arg(long, env = "KEFU_SHUTDOWN_GRACE_SECS", default_value_t = 10.0)]
@@ -103,10 +114,43 @@ impl ServeArgs {
             max_text_bytes: 4000,
             max_classify_texts: 64,
             shutdown_grace_secs: 1.0,
+            keys_file: None,
+            api_keys: None,
         }
     }
 
     pub fn shutdown_grace(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.shutdown_grace_secs.clamp(0.0, 3600.0))
+    }
+}
+
+/// A configuration value that must never reach a log.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_in_the_printed_config() {
+        let mut args = ServeArgs::with_models("s".into(), "i".into());
+        args.api_keys = Some(Secret("platform:very-secret-key-123".into()));
+        let printed = format!("{args:?}");
+        assert!(!printed.contains("very-secret"), "{printed}");
+        assert!(printed.contains("[redacted]"));
     }
 }

@@ -4,6 +4,7 @@
 //! future passed in completes (SIGINT/SIGTERM in `kefu serve`, a oneshot in
 //! tests).
 
+pub mod auth;
 pub mod chat;
 pub mod status;
 
@@ -99,6 +100,13 @@ pub enum ServeError {
         "model directory {0} does not exist; run `make models` or point the flag at a checkpoint"
     )]
     MissingModel(PathBuf),
+    #[error("{0}")]
+    Keys(String),
+    #[error(
+        "no API keys are configured, so kefu only listens on loopback, not {0}; \
+         set --keys-file or KEFU_API_KEYS"
+    )]
+    OpenWithoutKeys(std::net::SocketAddr),
 }
 
 /// Binds `args.addr` and serves until `shutdown` completes.
@@ -111,6 +119,10 @@ pub async fn serve(
             return Err(ServeError::MissingModel(dir.clone()));
         }
     }
+    let keys = load_keys(&args)?;
+    if keys.is_empty() && !args.addr.ip().is_loopback() {
+        return Err(ServeError::OpenWithoutKeys(args.addr));
+    }
     let listener = TcpListener::bind(args.addr)
         .await
         .map_err(|source| ServeError::Bind {
@@ -120,6 +132,15 @@ pub async fn serve(
     let loader_args = args.clone();
     let loader: ModelLoader = Box::pin(async move { Models::load(&loader_args).await });
     serve_on(args, listener, loader, shutdown).await
+}
+
+/// The API keys `args` names.
+pub fn load_keys(args: &ServeArgs) -> Result<auth::Keys, ServeError> {
+    auth::Keys::load(
+        args.keys_file.as_deref(),
+        args.api_keys.as_ref().map(|s| s.0.as_str()),
+    )
+    .map_err(ServeError::Keys)
 }
 
 fn service_names() -> [&'static str; 4] {
@@ -141,6 +162,18 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().ok();
+    let keys = Arc::new(load_keys(&args)?);
+    if keys.is_empty() {
+        tracing::warn!(
+            "NO API KEYS CONFIGURED: every call is admitted; listening on loopback only"
+        );
+    } else {
+        tracing::info!(keys = keys.len(), "API keys loaded");
+    }
+    let guard = |allowed: &'static [auth::Role]| {
+        let keys = keys.clone();
+        move |req: tonic::Request<()>| keys.check(&req, allowed).map(|_| req)
+    };
     let state = Arc::new(State {
         models: OnceLock::new(),
         limits: Limits {
@@ -176,10 +209,22 @@ pub async fn serve_on(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(ChatServiceServer::new(chat::ChatApi::new(state.clone())))
-        .add_service(AgentServiceServer::new(Unserved))
-        .add_service(MarketingServiceServer::new(Unserved))
-        .add_service(AdminServiceServer::new(Unserved))
+        .add_service(ChatServiceServer::with_interceptor(
+            chat::ChatApi::new(state.clone()),
+            guard(auth::CHAT),
+        ))
+        .add_service(AgentServiceServer::with_interceptor(
+            Unserved,
+            guard(auth::AGENT),
+        ))
+        .add_service(MarketingServiceServer::with_interceptor(
+            Unserved,
+            guard(auth::MARKETING),
+        ))
+        .add_service(AdminServiceServer::with_interceptor(
+            Unserved,
+            guard(auth::ADMIN),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             // stop_rx fires only when model loading fails; its sender being
             // dropped after a successful load must not stop the server.

@@ -242,3 +242,94 @@ async fn a_model_that_fails_to_load_stops_the_server_with_the_reason() {
     let err = result.unwrap_err().to_string();
     assert!(err.contains("no-such-model"), "{err}");
 }
+
+fn with_key<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(k) = key {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {k}").parse().unwrap());
+    }
+    r
+}
+
+#[tokio::test]
+async fn every_role_against_every_service() {
+    use kefu::service::pb::admin_service_client::AdminServiceClient;
+    use kefu::service::pb::agent_service_client::AgentServiceClient;
+    use kefu::service::pb::marketing_service_client::MarketingServiceClient;
+    use kefu::service::pb::{DeleteUserDataRequest, ListEscalationsRequest, ListSegmentsRequest};
+
+    let keys = [
+        ("platform", "platform-key-0123456"),
+        ("agent", "agent-key-0123456789"),
+        ("marketing", "marketing-key-012345"),
+        ("admin", "admin-key-0123456789"),
+    ];
+    let mut a = args();
+    a.api_keys = Some(kefu::config::Secret(
+        keys.iter()
+            .map(|(r, k)| format!("{r}:{k}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    ));
+    let server = serving(a).await;
+    let ch = server.channel.clone();
+    // (service, roles allowed)
+    let table: [(&str, &[&str]); 4] = [
+        ("chat", &["platform", "admin"]),
+        ("agent", &["agent", "admin"]),
+        ("marketing", &["marketing", "admin"]),
+        ("admin", &["admin"]),
+    ];
+    for (service, allowed) in table {
+        for (role, key) in keys
+            .iter()
+            .map(|(r, k)| (Some(*r), Some(*k)))
+            .chain([(None, None)])
+        {
+            let code = match service {
+                "chat" => ChatServiceClient::new(ch.clone())
+                    .classify(with_key(
+                        ClassifyRequest {
+                            texts: vec!["在吗".into()],
+                        },
+                        key,
+                    ))
+                    .await
+                    .map_or_else(|e| e.code(), |_| Code::Ok),
+                "agent" => AgentServiceClient::new(ch.clone())
+                    .list_escalations(with_key(ListEscalationsRequest::default(), key))
+                    .await
+                    .map_or_else(|e| e.code(), |_| Code::Ok),
+                "marketing" => MarketingServiceClient::new(ch.clone())
+                    .list_segments(with_key(ListSegmentsRequest::default(), key))
+                    .await
+                    .map_or_else(|e| e.code(), |_| Code::Ok),
+                _ => AdminServiceClient::new(ch.clone())
+                    .delete_user_data(with_key(DeleteUserDataRequest::default(), key))
+                    .await
+                    .map_or_else(|e| e.code(), |_| Code::Ok),
+            };
+            let expected = match role {
+                None => vec![Code::Unauthenticated],
+                Some(r) if allowed.contains(&r) => vec![Code::Ok, Code::Unimplemented],
+                Some(_) => vec![Code::PermissionDenied],
+            };
+            assert!(expected.contains(&code), "{role:?} on {service}: {code:?}");
+        }
+    }
+    // Health stays open to load balancers.
+    assert_eq!(status(&ch, "").await, ServingStatus::Serving);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_keys_kefu_refuses_to_listen_beyond_loopback() {
+    let mut a = args();
+    a.addr = "0.0.0.0:0".parse().unwrap();
+    let err = kefu::service::serve(a, async {}).await.unwrap_err();
+    assert!(
+        err.to_string().contains("only listens on loopback"),
+        "{err}"
+    );
+}
