@@ -161,40 +161,60 @@ fn run_kefu(args: &ClassifyBenchArgs, cases: &[Case]) -> anyhow::Result<Framewor
     })
 }
 
-fn run_torch(args: &ClassifyBenchArgs, cases: &[Case]) -> anyhow::Result<FrameworkResult> {
-    let dir = std::env::temp_dir().join(format!("kefu-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let cases_path = dir.join("cases.json");
-    std::fs::write(&cases_path, serde_json::to_vec(cases)?)?;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/classify_torch.py");
-    let out = Command::new(&args.torch_python)
-        .arg(&script)
-        .arg("--model")
-        .arg(&args.model)
-        .arg("--cases")
-        .arg(&cases_path)
-        .args(["--threads", &args.threads.to_string()])
-        .args(["--seconds", &args.seconds.to_string()])
-        .env("OMP_NUM_THREADS", args.threads.to_string())
+/// Runs a peer's script from `bench/` with `python` and parses the JSON
+/// object it prints last.
+fn run_peer<T: serde::de::DeserializeOwned>(
+    python: &str,
+    script: &str,
+    needs: &str,
+    configure: impl FnOnce(&mut Command),
+) -> anyhow::Result<T> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("bench")
+        .join(script);
+    let mut cmd = Command::new(python);
+    cmd.arg(&script);
+    configure(&mut cmd);
+    let out = cmd
         .output()
-        .with_context(|| format!("running {} {}", args.torch_python, script.display()))?;
-    let _ = std::fs::remove_dir_all(&dir);
+        .with_context(|| format!("running {python} {}", script.display()))?;
     if !out.status.success() {
         anyhow::bail!(
-            "the PyTorch side failed (needs torch and transformers in {}): {}",
-            args.torch_python,
+            "{} failed (needs {needs} in {python}): {}",
+            script.display(),
             String::from_utf8_lossy(&out.stderr)
                 .lines()
                 .last()
                 .unwrap_or("")
         );
     }
-    let last = String::from_utf8(out.stdout)?
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
-    Ok(serde_json::from_str(&last)?)
+    let text = String::from_utf8(out.stdout)?;
+    Ok(serde_json::from_str(
+        text.lines().last().unwrap_or_default(),
+    )?)
+}
+
+fn run_torch(args: &ClassifyBenchArgs, cases: &[Case]) -> anyhow::Result<FrameworkResult> {
+    let dir = std::env::temp_dir().join(format!("kefu-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cases_path = dir.join("cases.json");
+    std::fs::write(&cases_path, serde_json::to_vec(cases)?)?;
+    let result = run_peer(
+        &args.torch_python,
+        "classify_torch.py",
+        "torch and transformers",
+        |cmd| {
+            cmd.arg("--model")
+                .arg(&args.model)
+                .arg("--cases")
+                .arg(&cases_path)
+                .args(["--threads", &args.threads.to_string()])
+                .args(["--seconds", &args.seconds.to_string()])
+                .env("OMP_NUM_THREADS", args.threads.to_string());
+        },
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// Runs kefu's and PyTorch's classifier on the same texts and prints a table
@@ -390,31 +410,19 @@ fn mean(results: &[GenerateResult]) -> GenerateResult {
 }
 
 fn run_llama(path: &std::path::Path, args: &GenerateBenchArgs) -> anyhow::Result<GenerateResult> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/generate_llama.py");
-    let out = Command::new(&args.llama_python)
-        .arg(&script)
-        .arg("--model")
-        .arg(path)
-        .args(["--threads", &args.threads.to_string()])
-        .args(["--max-new-tokens", &args.max_new_tokens.to_string()])
-        .args(["--runs", &args.runs.max(2).to_string()])
-        .args(["--system", BENCH_SYSTEM, "--user", BENCH_USER])
-        .output()
-        .with_context(|| format!("running {} {}", args.llama_python, script.display()))?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "the llama.cpp side failed (needs llama-cpp-python in {}): {}",
-            args.llama_python,
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-    }
-    let text = String::from_utf8(out.stdout)?;
-    Ok(serde_json::from_str(
-        text.lines().last().unwrap_or_default(),
-    )?)
+    run_peer(
+        &args.llama_python,
+        "generate_llama.py",
+        "llama-cpp-python",
+        |cmd| {
+            cmd.arg("--model")
+                .arg(path)
+                .args(["--threads", &args.threads.to_string()])
+                .args(["--max-new-tokens", &args.max_new_tokens.to_string()])
+                .args(["--runs", &args.runs.max(2).to_string()])
+                .args(["--system", BENCH_SYSTEM, "--user", BENCH_USER]);
+        },
+    )
 }
 
 /// mistral.rs (in kefu) and llama.cpp on the same GGUF files, prompt and

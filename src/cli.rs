@@ -329,12 +329,8 @@ fn eval_cmd(args: EvalArgs) -> anyhow::Result<()> {
     let ckpt = Checkpoint::load(&args.model, args.max_seq_len, &candle_core::Device::Cpu)?;
     // Reject checkpoints whose labels kefu would not understand, with the
     // same rule the server applies.
-    let task = if LabelMap::new(Task::Sentiment, &ckpt.labels, &args.model).is_ok() {
-        Task::Sentiment
-    } else {
-        Task::Intent
-    };
-    LabelMap::new(task, &ckpt.labels, &args.model)?;
+    LabelMap::new(Task::Sentiment, &ckpt.labels, &args.model)
+        .or_else(|_| LabelMap::new(Task::Intent, &ckpt.labels, &args.model))?;
     let metrics = train::evaluate(&ckpt, &args.data, 64)?;
     if args.json {
         println!("{}", serde_json::to_string(&metrics)?);

@@ -254,7 +254,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
     let train_ex = read_jsonl(&opts.data, &labels)?;
     let dev_ex = read_jsonl(&opts.dev, &labels)?;
 
-    let (trainable, tok, fresh_head) = match &opts.init {
+    let (trainable, mut tok, fresh_head) = match &opts.init {
         Init::Pretrained(dir) => {
             let (t, fresh) = Trainable::from_pretrained(dir, &task_labels, &device)?;
             let max_len = opts.max_len.min(t.config.max_position_embeddings);
@@ -278,7 +278,6 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
                     tok?
                 }
             };
-            let mut tok = tok;
             let vocab_size = tok.get_vocab_size(true);
             let config = BertConfig::new_small(
                 vocab_size,
@@ -290,11 +289,10 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
                 &task_labels,
             );
             config.validate().map_err(Error::Invalid)?;
-            tokenizer_set_max(&mut tok, opts.max_len)?;
             (Trainable::fresh(config, &device)?, tok, Vec::new())
         }
     };
-    let mut tok = tok;
+    // Truncate to what the model's position table holds.
     tokenizer_set_max(
         &mut tok,
         opts.max_len.min(trainable.config.max_position_embeddings),

@@ -119,10 +119,6 @@ pub async fn serve(
             return Err(ServeError::MissingModel(dir.clone()));
         }
     }
-    let keys = load_keys(&args)?;
-    if keys.is_empty() && !args.addr.ip().is_loopback() {
-        return Err(ServeError::OpenWithoutKeys(args.addr));
-    }
     let listener = TcpListener::bind(args.addr)
         .await
         .map_err(|source| ServeError::Bind {
@@ -163,6 +159,9 @@ pub async fn serve_on(
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().ok();
     let keys = Arc::new(load_keys(&args)?);
+    if let Some(addr) = addr.filter(|a| keys.is_empty() && !a.ip().is_loopback()) {
+        return Err(ServeError::OpenWithoutKeys(addr));
+    }
     if keys.is_empty() {
         tracing::warn!(
             "NO API KEYS CONFIGURED: every call is admitted; listening on loopback only"

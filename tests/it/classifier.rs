@@ -100,7 +100,7 @@ fn a_batch_gives_the_same_probabilities_as_one_by_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_worker_batches_concurrent_requests_without_changing_answers() {
+async fn concurrent_requests_through_the_worker_get_the_reference_answers() {
     let exp = expected();
     let dir = fixture("tiny-bert");
     let ckpt = Checkpoint::load(&dir, exp.max_len, &Device::Cpu).unwrap();
