@@ -40,7 +40,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC service (ChatService, AgentService, MarketingService,
     /// AdminService, health and reflection).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Classify texts with one checkpoint and print one JSON line per text.
     Classify(ClassifyArgs),
     /// Train a sentiment or intent classifier and write a Hugging Face
@@ -52,6 +52,13 @@ pub enum Command {
     /// Try a generative model: render kefu's prompts for a message and print
     /// the reply (whole, or token by token with --stream).
     Generate(GenerateArgs),
+    /// Talk to a running kefu as a customer: replies stream in, and the
+    /// routing decision is shown under each.
+    Chat(crate::service::client::ChatArgs),
+    /// Write the label corrections agents made when resolving escalations as
+    /// training JSONL for `kefu train` (run it while the server is stopped:
+    /// the store admits one process at a time).
+    ExportCorrections(ExportCorrectionsArgs),
     /// Measure speed and memory next to a peer (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -65,6 +72,22 @@ pub enum BenchCommand {
     /// Generation speed (prompt tokens/s, decode tokens/s, time to first
     /// token) of the default GGUF models, next to llama.cpp.
     Generate(crate::bench::GenerateBenchArgs),
+    /// Messages/s and p50/p99 latency of a running server: the
+    /// classify-only route and the full route at 1, 8 and 64 clients.
+    Chat(crate::service::client::ChatBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportCorrectionsArgs {
+    /// kefu's data directory (`--data-dir` of `kefu serve`).
+    #[arg(long, env = "KEFU_DATA_DIR", default_value = "var/kefu")]
+    pub data_dir: PathBuf,
+    /// Which labels to export: one JSONL file trains one task.
+    #[arg(long, value_enum)]
+    pub task: Task,
+    /// Output file; `-` writes to stdout.
+    #[arg(long, default_value = "-")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -202,7 +225,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             tracing::info!(config = ?args, "effective configuration");
-            crate::service::serve(args, shutdown_signal()).await?;
+            crate::service::serve(*args, shutdown_signal()).await?;
             tracing::info!("kefu stopped");
             Ok(())
         }
@@ -211,6 +234,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => tokio::task::spawn_blocking(move || eval_cmd(args)).await?,
         Command::Generate(args) => generate_cmd(args).await,
         Command::Bench(BenchCommand::Generate(args)) => crate::bench::generate(&args).await,
+        Command::Bench(BenchCommand::Chat(args)) => crate::service::client::bench(args).await,
+        Command::Chat(args) => crate::service::client::chat(args).await,
+        Command::ExportCorrections(args) => {
+            tokio::task::spawn_blocking(move || export_corrections_cmd(args)).await?
+        }
         Command::Bench(BenchCommand::Classify(args)) => {
             tokio::task::spawn_blocking(move || crate::bench::classify(&args)).await?
         }
@@ -323,6 +351,54 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
+}
+
+fn export_corrections_cmd(args: ExportCorrectionsArgs) -> anyhow::Result<()> {
+    let store = crate::store::Store::open(&args.data_dir).with_context(|| {
+        format!(
+            "cannot open {} (a running kefu holds it; stop it first)",
+            args.data_dir.display()
+        )
+    })?;
+    let mut out: Box<dyn Write> = if args.out.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(&args.out)
+                .with_context(|| format!("cannot write {}", args.out.display()))?,
+        ))
+    };
+    let n = export_corrections(&store, args.task, &mut out)?;
+    out.flush()?;
+    eprintln!("{n} {} corrections exported", args.task.name());
+    Ok(())
+}
+
+/// Writes agents' corrections for `task` as `{"text", "label"}` lines;
+/// returns how many.
+pub fn export_corrections(
+    store: &crate::store::Store,
+    task: Task,
+    out: &mut dyn Write,
+) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for record in store.corrections() {
+        let record = record?;
+        let label = match task {
+            Task::Intent => &record.intent,
+            Task::Sentiment => &record.sentiment,
+        };
+        if label.is_empty() {
+            continue;
+        }
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"text": record.text, "label": label})
+        )?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 fn eval_cmd(args: EvalArgs) -> anyhow::Result<()> {

@@ -28,6 +28,61 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub classifier: ClassifierArgs,
 
+    #[command(flatten)]
+    pub generator: GeneratorArgs,
+
+    /// Where conversations, profiles and escalations are kept (a sled
+    /// database; created if missing).
+    #[arg(long, env = "KEFU_DATA_DIR", default_value = "var/kefu")]
+    pub data_dir: PathBuf,
+
+    /// Prompt templates: `zh/` and `en/` with system, intents, user,
+    /// clarify, escalate and fallback `.j2` files. Checked at start.
+    #[arg(long, env = "KEFU_PROMPTS", default_value = "prompts")]
+    pub prompts: PathBuf,
+
+    /// Routing policy thresholds (TOML); fields left out keep the built-in
+    /// defaults (see README).
+    #[arg(long, env = "KEFU_POLICY")]
+    pub policy: Option<PathBuf>,
+
+    /// Customer messages handled at once. Past it SendMessage gets
+    /// RESOURCE_EXHAUSTED at once and StreamMessage waits up to
+    /// --stream-wait-ms. Higher admits more but each waits longer for the
+    /// models.
+    #[arg(long, env = "KEFU_MAX_INFLIGHT", default_value_t = 64)]
+    pub max_inflight: usize,
+
+    /// How long StreamMessage waits for a free slot before
+    /// RESOURCE_EXHAUSTED, in milliseconds.
+    #[arg(long, env = "KEFU_STREAM_WAIT_MS", default_value_t = 2000)]
+    pub stream_wait_ms: u64,
+
+    /// 0: every turn is flushed to disk before it is acknowledged. N > 0:
+    /// turns wait for a shared flush every N ms (group commit): far fewer
+    /// disk syncs under load, up to N ms more latency; still nothing is
+    /// acknowledged before it is durable.
+    #[arg(long, env = "KEFU_GROUP_COMMIT_MS", default_value_t = 0)]
+    pub group_commit_ms: u64,
+
+    /// Days without contact after which a customer is `dormant`.
+    #[arg(long, env = "KEFU_DORMANT_DAYS", default_value_t = 60)]
+    pub dormant_days: u64,
+
+    /// Days after first contact during which a customer is `new`.
+    #[arg(long, env = "KEFU_NEW_DAYS", default_value_t = 7)]
+    pub new_days: u64,
+
+    /// Shifts kefu's clock (for demos and tests of time-based segments).
+    #[arg(
+        long,
+        env = "KEFU_CLOCK_OFFSET_SECS",
+        default_value_t = 0,
+        hide = true,
+        allow_hyphen_values = true
+    )]
+    pub clock_offset_secs: i64,
+
     /// Longest customer message accepted, in bytes of UTF-8. Longer messages
     /// get INVALID_ARGUMENT; the classifier only reads the first
     /// `--max-seq-len` tokens anyway.
@@ -49,10 +104,106 @@ pub struct ServeArgs {
     #[arg(long, env = "KEFU_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<Secret>,
 
+    /// TLS: the server certificate chain (PEM). With --tls-key, kefu serves
+    /// gRPC over TLS; without both, plaintext (fine on loopback or behind a
+    /// TLS-terminating proxy).
+    #[arg(long, env = "KEFU_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS: the server's private key (PEM) for --tls-cert.
+    #[arg(long, env = "KEFU_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Seconds that in-flight calls get to finish after SIGINT/SIGTERM;
     /// streams still open then (watches) are closed.
     #[arg(long, env = "KEFU_SHUTDOWN_GRACE_SECS", default_value_t = 10.0)]
     pub shutdown_grace_secs: f64,
+}
+
+/// The generative model that writes replies, and how it samples.
+#[derive(Debug, Clone, Args)]
+pub struct GeneratorArgs {
+    /// A GGUF file or a Hugging Face model directory (safetensors). The
+    /// default is the Qwen2.5 GGUF `make models` fetches (answers in Chinese).
+    #[arg(
+        long,
+        env = "KEFU_GENERATOR_MODEL",
+        default_value = "models/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct.gguf"
+    )]
+    pub generator_model: PathBuf,
+
+    /// Run without a generator: answers become the fallback replies from
+    /// prompts/ and the conversation is escalated (classification, routing
+    /// and storage still run).
+    #[arg(long, env = "KEFU_NO_GENERATOR")]
+    pub no_generator: bool,
+
+    /// Run the generator on the CPU even when built with CUDA and a GPU is
+    /// present.
+    #[arg(long, env = "KEFU_GENERATOR_CPU")]
+    pub generator_cpu: bool,
+
+    /// Replies generated at once (mistral.rs batches them). More raises
+    /// throughput and each reply's latency.
+    #[arg(long, env = "KEFU_GENERATOR_MAX_CONCURRENT", default_value_t = 4)]
+    pub generator_max_concurrent: usize,
+
+    /// Conversations whose KV cache mistral.rs keeps for reuse (0: off).
+    #[arg(long, env = "KEFU_PREFIX_CACHE", default_value_t = 16)]
+    pub prefix_cache: usize,
+
+    /// Default sampling temperature; 0 is greedy (repeatable). Requests may
+    /// override it within [0, 2].
+    #[arg(long, env = "KEFU_TEMPERATURE", default_value_t = 0.3)]
+    pub temperature: f32,
+
+    /// Default nucleus sampling mass, (0, 1].
+    #[arg(long, env = "KEFU_TOP_P", default_value_t = 0.9)]
+    pub top_p: f32,
+
+    /// Longest reply in tokens; also the cap for per-request overrides.
+    #[arg(long, env = "KEFU_MAX_NEW_TOKENS", default_value_t = 160)]
+    pub max_new_tokens: u32,
+
+    /// Generation stops before this string (repeatable).
+    #[arg(long = "stop", env = "KEFU_STOP", value_delimiter = ',')]
+    pub stop: Vec<String>,
+
+    /// Seconds a reply may take; past it the customer gets the fallback
+    /// reply and a person takes over.
+    #[arg(long, env = "KEFU_REPLY_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub reply_timeout_secs: f64,
+
+    /// Tokens of recent conversation history put into the prompt.
+    #[arg(long, env = "KEFU_HISTORY_TOKENS", default_value_t = 512)]
+    pub history_tokens: usize,
+
+    /// The shop's name, as the system prompt introduces the assistant.
+    #[arg(long, env = "KEFU_SHOP_NAME", default_value = "kefu")]
+    pub shop_name: String,
+}
+
+impl GeneratorArgs {
+    pub fn with_model(model: PathBuf) -> Self {
+        Self {
+            generator_model: model,
+            no_generator: false,
+            generator_cpu: false,
+            generator_max_concurrent: 4,
+            prefix_cache: 16,
+            temperature: 0.3,
+            top_p: 0.9,
+            max_new_tokens: 160,
+            stop: Vec::new(),
+            reply_timeout_secs: 30.0,
+            history_tokens: 512,
+            shop_name: "kefu".into(),
+        }
+    }
+
+    pub fn reply_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.reply_timeout_secs.clamp(0.1, 3600.0))
+    }
 }
 
 /// How the classifier threads batch work. Bigger batches raise throughput
@@ -111,11 +262,25 @@ impl ServeArgs {
             sentiment_model: sentiment,
             intent_model: intent,
             classifier: ClassifierArgs::default(),
+            generator: GeneratorArgs::with_model(
+                "models/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct.gguf".into(),
+            ),
+            data_dir: "var/kefu".into(),
+            prompts: "prompts".into(),
+            policy: None,
+            max_inflight: 64,
+            stream_wait_ms: 2000,
+            group_commit_ms: 0,
+            dormant_days: 60,
+            new_days: 7,
+            clock_offset_secs: 0,
             max_text_bytes: 4000,
             max_classify_texts: 64,
             shutdown_grace_secs: 1.0,
             keys_file: None,
             api_keys: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 

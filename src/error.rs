@@ -19,6 +19,13 @@ pub enum Error {
     /// A model is still loading or has stopped.
     #[error("{0}")]
     Unavailable(String),
+    /// The request conflicts with the state of a conversation or an
+    /// escalation (claimed by someone else, already resolved, ...).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Something kefu should have handled; the detail goes to the log only.
+    #[error("{0}")]
+    Internal(String),
     #[error(transparent)]
     Classify(#[from] classify::Error),
 }

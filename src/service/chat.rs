@@ -1,16 +1,21 @@
-//! ChatService: what chat platforms call. `Classify` is served here; the
-//! message pipeline RPCs (SendMessage, StreamMessage, GetConversation,
-//! WatchConversation) arrive with the chat-service work and answer
-//! UNIMPLEMENTED until then.
+//! ChatService: what chat platforms call. Each message runs through
+//! [`crate::pipeline`]; this module only admits it (the in-flight bound),
+//! converts, and streams.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::pb;
-use super::State;
-use crate::classify::{Classification, LabelScore};
+use super::{convert, pb, State};
+use crate::pipeline::{self, Inbound, Outcome, Overrides, Progress};
 use crate::Error;
+
+pub use crate::pipeline::validate_text;
+pub use convert::classification as to_proto;
 
 pub struct ChatApi {
     state: Arc<State>,
@@ -22,44 +27,158 @@ impl ChatApi {
     }
 }
 
-/// Checks one customer text against the configured limits.
-pub fn validate_text(text: &str, max_bytes: usize, what: &str) -> Result<(), Error> {
-    if text.trim().is_empty() {
-        return Err(Error::InvalidArgument(format!("{what} is empty")));
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn inbound(req: pb::SendMessageRequest) -> Inbound {
+    let metadata = req.metadata.unwrap_or_default();
+    let generation = req.generation.unwrap_or_default();
+    Inbound {
+        tenant_id: req.tenant_id,
+        user_id: req.user_id,
+        conversation_id: req.conversation_id,
+        text: req.text,
+        order_id: metadata.order_id,
+        locale: metadata.locale,
+        overrides: Overrides {
+            temperature: generation.temperature,
+            top_p: generation.top_p,
+            max_new_tokens: generation.max_new_tokens,
+        },
     }
-    if text.len() > max_bytes {
-        return Err(Error::InvalidArgument(format!(
-            "{what} is {} bytes; the limit is {max_bytes}",
-            text.len()
-        )));
-    }
-    Ok(())
 }
 
-fn scores(scores: &[LabelScore]) -> Vec<pb::LabelScore> {
-    scores
-        .iter()
-        .map(|s| pb::LabelScore {
-            label: s.label.to_string(),
-            probability: s.probability,
-        })
-        .collect()
+fn busy(limit: usize) -> Error {
+    Error::Overloaded(format!(
+        "kefu is handling {limit} messages, its limit (--max-inflight); retry with backoff"
+    ))
 }
 
-pub fn to_proto(c: &Classification) -> pb::Classification {
-    pb::Classification {
-        sentiment: c.top_sentiment().label.to_string(),
-        sentiment_confidence: c.top_sentiment().probability,
-        sentiment_scores: scores(&c.sentiment),
-        intent: c.top_intent().label.to_string(),
-        intent_confidence: c.top_intent().probability,
-        intent_scores: scores(&c.intent),
-        language: c.language.code().to_string(),
+fn response(o: Outcome) -> pb::SendMessageResponse {
+    pb::SendMessageResponse {
+        conversation_id: o.conversation_id,
+        customer_turn_id: o.customer_turn_id,
+        decision: Some(convert::decision(&o.decision)),
+        reply: o.reply,
+        reply_turn_id: o.reply_turn_id,
+        fallback: o.fallback,
+    }
+}
+
+fn event(e: pb::stream_message_event::Event) -> pb::StreamMessageEvent {
+    pb::StreamMessageEvent { event: Some(e) }
+}
+
+impl ChatApi {
+    /// Runs one streamed message: forwards progress until the pipeline ends
+    /// or the caller goes away (then the pipeline is dropped, which stops
+    /// generation).
+    async fn run_stream(
+        state: Arc<State>,
+        m: Inbound,
+        _permit: OwnedSemaphorePermit,
+        out: mpsc::Sender<Result<pb::StreamMessageEvent, Status>>,
+    ) {
+        use pb::stream_message_event::Event as E;
+        let Ok(pipeline) = state.pipeline() else {
+            return;
+        };
+        let (ptx, mut prx) = mpsc::channel::<Progress>(64);
+        let handle = pipeline.handle(m, Some(ptx));
+        tokio::pin!(handle);
+        let forward = |p: Progress| match p {
+            Progress::Started(s) => event(E::Start(pb::StreamStart {
+                conversation_id: s.conversation_id,
+                customer_turn_id: s.customer_turn_id,
+                decision: Some(convert::decision(&s.decision)),
+            })),
+            Progress::Delta(d) => event(E::Delta(d)),
+        };
+        let result = loop {
+            tokio::select! {
+                biased;
+                Some(p) = prx.recv() => {
+                    if out.send(Ok(forward(p))).await.is_err() {
+                        return; // the caller went away
+                    }
+                }
+                result = &mut handle => break result,
+            }
+        };
+        while let Ok(p) = prx.try_recv() {
+            if out.send(Ok(forward(p))).await.is_err() {
+                return;
+            }
+        }
+        let last = match result {
+            Ok(o) => Ok(event(E::End(pb::StreamEnd {
+                reply_turn_id: o.reply_turn_id,
+                reply: o.reply,
+                fallback: o.fallback,
+            }))),
+            Err(e) => Err(Status::from(e)),
+        };
+        let _ = out.send(last).await;
     }
 }
 
 #[tonic::async_trait]
 impl pb::chat_service_server::ChatService for ChatApi {
+    async fn send_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let pipeline = self.state.pipeline()?;
+        let m = inbound(request.into_inner());
+        pipeline.validate(&m)?;
+        let _permit = pipeline
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy(self.state.max_inflight()))?;
+        let outcome = pipeline.handle(m, None).await?;
+        Ok(Response::new(response(outcome)))
+    }
+
+    async fn stream_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<EventStream<pb::StreamMessageEvent>>, Status> {
+        let pipeline = self.state.pipeline()?;
+        let m = inbound(request.into_inner());
+        pipeline.validate(&m)?;
+        let permit = tokio::time::timeout(
+            self.state.stream_wait,
+            pipeline.permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| busy(self.state.max_inflight()))?
+        .map_err(|_| Error::Unavailable("kefu is shutting down".into()))?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(Self::run_stream(self.state.clone(), m, permit, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<pb::GetConversationRequest>,
+    ) -> Result<Response<pb::GetConversationResponse>, Status> {
+        let id = request.into_inner().conversation_id;
+        pipeline::validate_id(&id, "conversation_id")?;
+        let store = &self.state.store;
+        let conv = store
+            .conversation(&id)
+            .map_err(Error::from)?
+            .ok_or_else(|| Error::NotFound(format!("conversation {id} does not exist")))?;
+        let turns = store.turns(&id, None).map_err(Error::from)?;
+        Ok(Response::new(pb::GetConversationResponse {
+            conversation_id: conv.id,
+            tenant_id: conv.tenant_id,
+            user_id: conv.user_id,
+            turns: turns.iter().map(convert::turn).collect(),
+            held_by_agent: conv.held_by_agent,
+        }))
+    }
+
     async fn classify(
         &self,
         request: Request<pb::ClassifyRequest>,
@@ -82,15 +201,59 @@ impl pb::chat_service_server::ChatService for ChatApi {
         for (i, text) in req.texts.iter().enumerate() {
             validate_text(text, limits.max_text_bytes, &format!("texts[{i}]"))?;
         }
-        let models = self.state.models()?;
-        let results = models
+        let pipeline = self.state.pipeline()?;
+        let results = pipeline
             .classifier
             .classify(&req.texts)
             .await
             .map_err(Error::from)?;
         tracing::debug!(texts = results.len(), "classified");
         Ok(Response::new(pb::ClassifyResponse {
-            results: results.iter().map(to_proto).collect(),
+            results: results.iter().map(convert::classification).collect(),
         }))
+    }
+
+    async fn watch_conversation(
+        &self,
+        request: Request<pb::WatchConversationRequest>,
+    ) -> Result<Response<EventStream<pb::ConversationEvent>>, Status> {
+        let id = request.into_inner().conversation_id;
+        pipeline::validate_id(&id, "conversation_id")?;
+        // Subscribe before checking, so nothing stored in between is missed.
+        let mut events = self.state.hub.watch_conversation(&id);
+        if self
+            .state
+            .store
+            .conversation(&id)
+            .map_err(Error::from)?
+            .is_none()
+        {
+            return Err(Error::NotFound(format!("conversation {id} does not exist")).into());
+        }
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = events.recv() => next,
+                    _ = tx.closed() => return,
+                };
+                let item = match next {
+                    Ok(e) => Ok(pb::ConversationEvent {
+                        turn: Some(convert::turn(&e.turn)),
+                        held_by_agent: e.held_by_agent,
+                    }),
+                    Err(broadcast::error::RecvError::Lagged(n)) => Err(Status::aborted(format!(
+                        "this watcher fell {n} events behind; read the conversation with \
+                         GetConversation and watch again"
+                    ))),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let end = item.is_err();
+                if tx.send(item).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

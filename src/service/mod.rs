@@ -4,13 +4,19 @@
 //! future passed in completes (SIGINT/SIGTERM in `kefu serve`, a oneshot in
 //! tests).
 
+pub mod admin;
+pub mod agent;
 pub mod auth;
 pub mod chat;
+pub mod client;
+pub mod convert;
+pub mod marketing;
 pub mod status;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
@@ -20,6 +26,13 @@ use tonic_health::ServingStatus;
 
 use crate::classify::{BertClassifier, Classifier};
 use crate::config::ServeArgs;
+use crate::generate::mistral::{self, MistralGenerator};
+use crate::generate::prompt::{PromptSettings, Prompts};
+use crate::generate::{Generator, Sampling};
+use crate::pipeline::{self, Clock, Hub, Pipeline};
+use crate::route::Policy;
+use crate::segment;
+use crate::store::{Durability, Store};
 use crate::Error;
 
 /// Generated protobuf and gRPC code for `kefu.v1`.
@@ -38,20 +51,40 @@ use pb::marketing_service_server::MarketingServiceServer;
 /// The loaded models the services run on.
 pub struct Models {
     pub classifier: Arc<dyn Classifier>,
+    /// None when kefu runs without a generator (`--no-generator`).
+    pub generator: Option<Arc<dyn Generator>>,
 }
 
 impl Models {
-    /// Loads the models `args` names, off the async runtime.
+    /// Loads the models `args` names: the classifiers on a blocking thread,
+    /// the generator on the runtime (mistral.rs starts its own engine).
     pub async fn load(args: &ServeArgs) -> Result<Models, Error> {
         let (sentiment, intent) = (args.sentiment_model.clone(), args.intent_model.clone());
         let settings = args.classifier.settings();
         let classifier = tokio::task::spawn_blocking(move || {
             BertClassifier::load(&sentiment, &intent, &settings)
-        })
-        .await
-        .map_err(|e| Error::Unavailable(format!("model loading panicked: {e}")))??;
+        });
+        let g = &args.generator;
+        let generator = if g.no_generator {
+            tracing::warn!("running without a generator: answers are fallback replies");
+            None
+        } else {
+            let options = mistral::Options {
+                force_cpu: g.generator_cpu,
+                max_concurrent: g.generator_max_concurrent.max(1),
+                prefix_cache: g.prefix_cache,
+            };
+            let generator = MistralGenerator::load(&g.generator_model, &options)
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?;
+            Some(Arc::new(generator) as Arc<dyn Generator>)
+        };
+        let classifier = classifier
+            .await
+            .map_err(|e| Error::Unavailable(format!("model loading panicked: {e}")))??;
         Ok(Models {
             classifier: Arc::new(classifier),
+            generator,
         })
     }
 }
@@ -63,21 +96,79 @@ pub struct Limits {
     pub max_classify_texts: usize,
 }
 
-/// What the handlers share.
+/// What the handlers share. The pipeline exists once the models are loaded;
+/// the store, the hub and the clock from the start.
 pub struct State {
-    models: OnceLock<Models>,
+    pipeline: OnceLock<Pipeline>,
     pub limits: Limits,
+    pub store: Store,
+    pub hub: Arc<Hub>,
+    pub clock: Clock,
+    pub rules: segment::Rules,
+    pub stream_wait: Duration,
+    max_inflight: usize,
 }
 
 impl State {
-    /// The models, or UNAVAILABLE while they load.
-    pub fn models(&self) -> Result<&Models, Error> {
-        self.models.get().ok_or_else(|| {
+    /// The message pipeline, or UNAVAILABLE while the models load.
+    pub fn pipeline(&self) -> Result<&Pipeline, Error> {
+        self.pipeline.get().ok_or_else(|| {
             Error::Unavailable(
                 "models are still loading; wait for grpc.health.v1 to report SERVING".into(),
             )
         })
     }
+
+    pub fn now_ms(&self) -> u64 {
+        (self.clock)()
+    }
+
+    pub fn max_inflight(&self) -> usize {
+        self.max_inflight
+    }
+}
+
+/// What serve prepares before listening: a broken template, policy or
+/// store stops kefu here, with the file and the reason.
+struct Prepared {
+    store: Store,
+    prompts: Arc<Prompts>,
+    policy: Policy,
+}
+
+fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
+    let prompts = Prompts::load(
+        &args.prompts,
+        PromptSettings {
+            shop_name: args.generator.shop_name.clone(),
+            ..PromptSettings::default()
+        },
+    )
+    .map_err(|e| ServeError::Config(e.to_string()))?;
+    let policy = match &args.policy {
+        Some(path) => {
+            Policy::from_toml_file(path).map_err(|e| ServeError::Config(e.to_string()))?
+        }
+        None => Policy::default(),
+    };
+    std::fs::create_dir_all(&args.data_dir).map_err(|e| {
+        ServeError::Config(format!("cannot create {}: {e}", args.data_dir.display()))
+    })?;
+    let durability = match args.group_commit_ms {
+        0 => Durability::EveryTurn,
+        ms => Durability::GroupCommit(Duration::from_millis(ms)),
+    };
+    let store = Store::open_with(&args.data_dir, durability).map_err(|e| {
+        ServeError::Config(format!(
+            "cannot open the store in {} (is another kefu using it?): {e}",
+            args.data_dir.display()
+        ))
+    })?;
+    Ok(Prepared {
+        store,
+        prompts: Arc::new(prompts),
+        policy,
+    })
 }
 
 /// A future that loads the models; tests pass their own to control timing.
@@ -97,11 +188,14 @@ pub enum ServeError {
     #[error("models failed to load: {0}")]
     Models(Error),
     #[error(
-        "model directory {0} does not exist; run `make models` or point the flag at a checkpoint"
+        "model {0} does not exist; run `make models` or point the flag at a checkpoint \
+         (--no-generator runs without a generative model)"
     )]
     MissingModel(PathBuf),
     #[error("{0}")]
     Keys(String),
+    #[error("{0}")]
+    Config(String),
     #[error(
         "no API keys are configured, so kefu only listens on loopback, not {0}; \
          set --keys-file or KEFU_API_KEYS"
@@ -119,6 +213,10 @@ pub async fn serve(
             return Err(ServeError::MissingModel(dir.clone()));
         }
     }
+    let g = &args.generator.generator_model;
+    if !args.generator.no_generator && !g.exists() {
+        return Err(ServeError::MissingModel(g.clone()));
+    }
     let listener = TcpListener::bind(args.addr)
         .await
         .map_err(|source| ServeError::Bind {
@@ -128,6 +226,36 @@ pub async fn serve(
     let loader_args = args.clone();
     let loader: ModelLoader = Box::pin(async move { Models::load(&loader_args).await });
     serve_on(args, listener, loader, shutdown).await
+}
+
+/// Picks ring as rustls' process-wide crypto provider (kefu's dependency
+/// tree enables two, so rustls will not guess). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The TLS identity `args` names, if any.
+fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
+    let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(k)) => {
+            install_crypto_provider();
+            (c, k)
+        }
+        _ => {
+            return Err(ServeError::Config(
+                "TLS needs both --tls-cert and --tls-key".into(),
+            ))
+        }
+    };
+    let read = |p: &PathBuf| {
+        std::fs::read(p)
+            .map_err(|e| ServeError::Config(format!("cannot read {}: {e}", p.display())))
+    };
+    let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+    Ok(Some(
+        tonic::transport::ServerTlsConfig::new().identity(identity),
+    ))
 }
 
 /// The API keys `args` names.
@@ -142,9 +270,9 @@ pub fn load_keys(args: &ServeArgs) -> Result<auth::Keys, ServeError> {
 fn service_names() -> [&'static str; 4] {
     [
         <ChatServiceServer<chat::ChatApi> as NamedService>::NAME,
-        <AgentServiceServer<Unserved> as NamedService>::NAME,
-        <MarketingServiceServer<Unserved> as NamedService>::NAME,
-        <AdminServiceServer<Unserved> as NamedService>::NAME,
+        <AgentServiceServer<agent::AgentApi> as NamedService>::NAME,
+        <MarketingServiceServer<marketing::MarketingApi> as NamedService>::NAME,
+        <AdminServiceServer<admin::AdminApi> as NamedService>::NAME,
     ]
 }
 
@@ -173,13 +301,44 @@ pub async fn serve_on(
         let keys = keys.clone();
         move |req: tonic::Request<()>| keys.check(&req, allowed).map(|_| req)
     };
+    let prepared = prepare(&args)?;
+    let offset = args.clock_offset_secs;
+    let clock: Clock = if offset == 0 {
+        pipeline::system_clock()
+    } else {
+        tracing::warn!(offset_secs = offset, "kefu's clock is shifted");
+        Arc::new(move || (crate::store::now_ms() as i64 + offset * 1000).max(0) as u64)
+    };
     let state = Arc::new(State {
-        models: OnceLock::new(),
+        pipeline: OnceLock::new(),
         limits: Limits {
             max_text_bytes: args.max_text_bytes,
             max_classify_texts: args.max_classify_texts,
         },
+        store: prepared.store.clone(),
+        hub: Arc::new(Hub::default()),
+        clock,
+        rules: segment::Rules {
+            dormant_days: args.dormant_days,
+            new_days: args.new_days,
+            ..segment::Rules::default()
+        },
+        stream_wait: Duration::from_millis(args.stream_wait_ms),
+        max_inflight: args.max_inflight.max(1),
     });
+    let g = &args.generator;
+    let pipeline_settings = pipeline::Settings {
+        max_text_bytes: args.max_text_bytes,
+        history_tokens: g.history_tokens,
+        sampling: Sampling {
+            temperature: g.temperature.max(0.0),
+            top_p: g.top_p.clamp(0.01, 1.0),
+            max_new_tokens: g.max_new_tokens.max(1),
+            stop: g.stop.clone(),
+        },
+        reply_timeout: g.reply_timeout(),
+    };
+    let max_inflight = args.max_inflight.max(1);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -200,10 +359,15 @@ pub async fn serve_on(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&args)? {
+        builder = builder.tls_config(tls)?;
+        tracing::info!("TLS on");
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = args.shutdown_grace();
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -213,15 +377,15 @@ pub async fn serve_on(
             guard(auth::CHAT),
         ))
         .add_service(AgentServiceServer::with_interceptor(
-            Unserved,
+            agent::AgentApi::new(state.clone()),
             guard(auth::AGENT),
         ))
         .add_service(MarketingServiceServer::with_interceptor(
-            Unserved,
+            marketing::MarketingApi::new(state.clone()),
             guard(auth::MARKETING),
         ))
         .add_service(AdminServiceServer::with_interceptor(
-            Unserved,
+            admin::AdminApi::new(state.clone()),
             guard(auth::ADMIN),
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
@@ -247,7 +411,22 @@ pub async fn serve_on(
         let started = std::time::Instant::now();
         match loader.await {
             Ok(models) => {
-                let _ = state.models.set(models);
+                let device = models
+                    .generator
+                    .as_ref()
+                    .map_or_else(|| "none".to_string(), |g| g.device());
+                let _ = state.pipeline.set(Pipeline {
+                    store: prepared.store.clone(),
+                    classifier: models.classifier,
+                    generator: models.generator,
+                    prompts: prepared.prompts.clone(),
+                    policy: prepared.policy.clone(),
+                    settings: pipeline_settings.clone(),
+                    hub: state.hub.clone(),
+                    clock: state.clock.clone(),
+                    permits: Arc::new(tokio::sync::Semaphore::new(max_inflight)),
+                });
+                tracing::info!(classifier = "cpu", generator = %device, "model devices");
                 health.set_service_status("", ServingStatus::Serving).await;
                 for name in service_names() {
                     health
@@ -297,12 +476,3 @@ pub async fn serve_on(
         }
     }
 }
-
-/// Services whose handlers arrive with later work: every RPC answers
-/// UNIMPLEMENTED (tonic's generated default) until then.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Unserved;
-
-impl pb::agent_service_server::AgentService for Unserved {}
-impl pb::marketing_service_server::MarketingService for Unserved {}
-impl pb::admin_service_server::AdminService for Unserved {}

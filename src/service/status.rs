@@ -13,6 +13,13 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m),
             Error::Overloaded(m) => Status::resource_exhausted(m),
             Error::Unavailable(m) => Status::unavailable(m),
+            Error::FailedPrecondition(m) => Status::failed_precondition(m),
+            Error::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                Status::internal(
+                    "kefu failed to handle the request; the error is in the server log",
+                )
+            }
             Error::Classify(e) => match e {
                 classify::Error::Overloaded(_) => Status::resource_exhausted(e.to_string()),
                 classify::Error::Unavailable => Status::unavailable(e.to_string()),
@@ -38,6 +45,11 @@ mod tests {
             (Error::NotFound("x".into()), Code::NotFound),
             (Error::Overloaded("x".into()), Code::ResourceExhausted),
             (Error::Unavailable("x".into()), Code::Unavailable),
+            (
+                Error::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (Error::Internal("secret path".into()), Code::Internal),
             (
                 Error::Classify(classify::Error::Overloaded(3)),
                 Code::ResourceExhausted,

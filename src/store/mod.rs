@@ -1,22 +1,33 @@
-//! kefu's memory in sled: conversations, turns and customer profiles, one
-//! tree each. This is the only module that touches sled.
+//! kefu's memory in sled: conversations, turns, customer profiles,
+//! escalations and agents' label corrections, one tree each. This is the only
+//! module that touches sled.
 //!
 //! Keys are laid out for range scans: a conversation's turns are
 //! `conversation_id 0x00 turn_id (big-endian u64)`, so they iterate in order;
-//! a profile is `tenant_id 0x00 user_id`; a customer's conversations are
-//! indexed under `tenant_id 0x00 user_id 0x00 conversation_id`. Every value
-//! is JSON with a format version `v`.
+//! a profile is `tenant_id 0x00 user_id`, so one tenant's profiles are one
+//! range; a customer's conversations are indexed under
+//! `tenant_id 0x00 user_id 0x00 conversation_id`; the escalation queue index
+//! is `open? priority created_ms id` (see [`queue_key`]), so the queue reads
+//! in the order agents work it. Every value is JSON with a format version `v`.
 //!
-//! Durability: [`Store::append_turn`] writes the turn, the conversation and
-//! the profile in one transaction, then flushes; when it returns, the turn
-//! survives a crash (SIGKILL included).
+//! Durability: every write that changes more than one tree is one sled
+//! transaction. [`Store::append_turn`] returns only once its turn is on disk
+//! (a flush per turn, or a shared flush every `group_commit` interval), so an
+//! acknowledged turn survives a crash, SIGKILL included.
+
+mod escalations;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
+
+pub use escalations::{Correction, CorrectionRecord, DeleteCounts, EscalationStatus, Page};
 
 /// The format version written into every stored record.
 pub const FORMAT_VERSION: u32 = 1;
@@ -31,6 +42,20 @@ pub enum Error {
     NoConversation(String),
     #[error("conversation {id} belongs to another customer")]
     WrongOwner { id: String },
+    #[error("escalation {0} does not exist")]
+    NoEscalation(String),
+    /// A request that conflicts with the state of the conversation or
+    /// escalation (claimed by someone else, already resolved, ...).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<Error>>;
+
+fn abort<T>(e: Error) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
 }
 
 /// Who wrote a turn.
@@ -51,11 +76,18 @@ pub struct Conversation {
     pub created_ms: u64,
     /// The last turn id given out; turns start at 1.
     pub last_turn: u64,
+    /// Humans hold the conversation: the bot stays silent.
     pub held_by_agent: bool,
     /// Negative customer turns in a row, for the routing policy.
     pub negative_streak: u32,
     /// Clarifying questions in a row, for the routing policy.
     pub clarifications: u32,
+    /// The escalation waiting for or held by an agent, if any.
+    #[serde(default)]
+    pub open_escalation: Option<String>,
+    /// Every escalation of this conversation, oldest first.
+    #[serde(default)]
+    pub escalations: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +103,9 @@ pub struct Turn {
     pub decision: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_id: String,
+    /// For customer turns: P(positive) - P(negative), for sentiment trends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentiment: Option<f32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -89,6 +124,30 @@ pub struct Profile {
     pub language: String,
 }
 
+/// An escalation: a conversation waiting for, or held by, a human agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Escalation {
+    pub v: u32,
+    pub id: String,
+    pub conversation_id: String,
+    pub tenant_id: String,
+    pub user_id: String,
+    pub status: EscalationStatus,
+    /// "normal" or "high".
+    pub priority: String,
+    /// The decision that escalated, as the API shows it.
+    pub decision: serde_json::Value,
+    pub created_ms: u64,
+    #[serde(default)]
+    pub agent_id: String,
+    #[serde(default)]
+    pub claimed_ms: u64,
+    #[serde(default)]
+    pub resolved_ms: u64,
+    #[serde(default)]
+    pub outcome: String,
+}
+
 /// What a customer turn tells the profile.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TurnSignals {
@@ -97,8 +156,15 @@ pub struct TurnSignals {
     pub sentiment: f32,
     pub negative: bool,
     pub clarified: bool,
-    pub escalated: bool,
     pub language: String,
+}
+
+/// An escalation to open together with a turn.
+#[derive(Debug, Clone)]
+pub struct NewEscalation {
+    /// "normal" or "high".
+    pub priority: String,
+    pub decision: serde_json::Value,
 }
 
 /// A turn to append.
@@ -111,6 +177,12 @@ pub struct NewTurn<'a> {
     pub agent_id: &'a str,
     /// For customer turns: what to fold into the profile.
     pub signals: Option<&'a TurnSignals>,
+    /// Hand the conversation to humans and queue it for agents, unless an
+    /// escalation is already open.
+    pub escalate: Option<NewEscalation>,
+    /// Replace the stored decision of an earlier turn (when the generator
+    /// fails after the customer turn was stored with "answer").
+    pub amend_decision: Option<(u64, serde_json::Value)>,
     pub now_ms: u64,
 }
 
@@ -127,6 +199,8 @@ impl<'a> NewTurn<'a> {
             decision,
             agent_id: "",
             signals: Some(signals),
+            escalate: None,
+            amend_decision: None,
             now_ms,
         }
     }
@@ -138,6 +212,8 @@ impl<'a> NewTurn<'a> {
             decision: None,
             agent_id: "",
             signals: None,
+            escalate: None,
+            amend_decision: None,
             now_ms,
         }
     }
@@ -169,6 +245,19 @@ fn user_conversation_key(tenant: &str, user: &str, conversation: &str) -> Vec<u8
     .concat()
 }
 
+/// The escalation queue index: open entries (waiting or claimed) before
+/// resolved ones, high priority before normal, oldest first.
+pub fn queue_key(e: &Escalation) -> Vec<u8> {
+    let open = u8::from(e.status == EscalationStatus::Resolved);
+    let priority = u8::from(e.priority != "high");
+    [
+        &[open, priority][..],
+        &e.created_ms.to_be_bytes(),
+        e.id.as_bytes(),
+    ]
+    .concat()
+}
+
 fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T, Error> {
     serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
         key: String::from_utf8_lossy(key).replace('\0', "/"),
@@ -180,10 +269,53 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialise")
 }
 
+fn tx_get<T: for<'de> Deserialize<'de>>(
+    tree: &TransactionalTree,
+    key: &[u8],
+) -> TxResult<Option<T>> {
+    match tree.get(key)? {
+        Some(b) => decode(key, &b)
+            .map(Some)
+            .map_err(ConflictableTransactionError::Abort),
+        None => Ok(None),
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// When an acknowledged write is on disk.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Durability {
+    /// Every turn is flushed before it is acknowledged: safest, one disk
+    /// sync per message.
+    EveryTurn,
+    /// Turns wait for a shared flush that runs every interval: one sync
+    /// serves every turn of that interval (higher throughput under load),
+    /// at the cost of up to one interval of extra latency per message.
+    /// Still nothing is acknowledged before it is durable.
+    GroupCommit(Duration),
+}
+
+/// The views of every tree inside one transaction.
+struct Tx<'a> {
+    convs: &'a TransactionalTree,
+    turns: &'a TransactionalTree,
+    profiles: &'a TransactionalTree,
+    index: &'a TransactionalTree,
+    escalations: &'a TransactionalTree,
+    queue: &'a TransactionalTree,
+    corrections: &'a TransactionalTree,
+}
+
+/// Group commit: writers take a ticket, the flusher publishes the last
+/// ticket each flush covered.
+struct GroupCommit {
+    issued: AtomicU64,
+    flushed: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Clone)]
@@ -193,9 +325,14 @@ pub struct Store {
     turns: sled::Tree,
     profiles: sled::Tree,
     user_conversations: sled::Tree,
+    escalations: sled::Tree,
+    queue: sled::Tree,
+    corrections: sled::Tree,
+    group: Option<Arc<GroupCommit>>,
 }
 
 impl Store {
+    /// Opens (or creates) the store in `dir`, flushing every turn.
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let db = sled::open(dir)?;
         Ok(Self {
@@ -203,8 +340,93 @@ impl Store {
             turns: db.open_tree("turns")?,
             profiles: db.open_tree("profiles")?,
             user_conversations: db.open_tree("user_conversations")?,
+            escalations: db.open_tree("escalations")?,
+            queue: db.open_tree("escalation_queue")?,
+            corrections: db.open_tree("corrections")?,
             db,
+            group: None,
         })
+    }
+
+    /// Opens the store with the given durability. Group commit starts its
+    /// flusher on the current tokio runtime; it stops when the last clone
+    /// of the store is dropped.
+    pub fn open_with(dir: &Path, durability: Durability) -> Result<Self, Error> {
+        let mut store = Self::open(dir)?;
+        if let Durability::GroupCommit(every) = durability {
+            let (tx, _) = tokio::sync::watch::channel(0u64);
+            let group = Arc::new(GroupCommit {
+                issued: AtomicU64::new(0),
+                flushed: tx,
+            });
+            let weak = Arc::downgrade(&group);
+            let db = store.db.clone();
+            let every = every.max(Duration::from_millis(1));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(group) = weak.upgrade() else { return };
+                    let target = group.issued.load(Ordering::Acquire);
+                    if target > *group.flushed.borrow() {
+                        match db.flush_async().await {
+                            Ok(_) => {
+                                group.flushed.send_replace(target);
+                            }
+                            Err(e) => tracing::error!(error = %e, "group flush failed; retrying"),
+                        }
+                    }
+                }
+            });
+            store.group = Some(group);
+        }
+        Ok(store)
+    }
+
+    /// Returns once everything written before the call is on disk.
+    async fn durable(&self) -> Result<(), Error> {
+        match &self.group {
+            None => {
+                self.db.flush_async().await?;
+            }
+            Some(group) => {
+                let ticket = group.issued.fetch_add(1, Ordering::AcqRel) + 1;
+                let mut rx = group.flushed.subscribe();
+                rx.wait_for(|done| *done >= ticket)
+                    .await
+                    .map_err(|_| Error::Invalid("the store is closing".into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn transaction<R>(&self, f: impl Fn(&Tx) -> TxResult<R>) -> Result<R, Error> {
+        let result = (
+            &self.conversations,
+            &self.turns,
+            &self.profiles,
+            &self.user_conversations,
+            &self.escalations,
+            &self.queue,
+            &self.corrections,
+        )
+            .transaction(
+                |(convs, turns, profiles, index, escalations, queue, corrections)| {
+                    f(&Tx {
+                        convs,
+                        turns,
+                        profiles,
+                        index,
+                        escalations,
+                        queue,
+                        corrections,
+                    })
+                },
+            );
+        match result {
+            Ok(r) => Ok(r),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
     }
 
     /// A new conversation for a customer; not stored until its first turn.
@@ -219,6 +441,8 @@ impl Store {
             held_by_agent: false,
             negative_streak: 0,
             clarifications: 0,
+            open_escalation: None,
+            escalations: Vec::new(),
         }
     }
 
@@ -253,6 +477,22 @@ impl Store {
             .transpose()
     }
 
+    /// Every profile (of one tenant when `tenant_id` is given), read lazily
+    /// in key order: memory stays bounded however many there are.
+    pub fn profiles(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> impl Iterator<Item = Result<Profile, Error>> + Send + 'static {
+        let iter = match tenant_id {
+            Some(t) => self.profiles.scan_prefix([t.as_bytes(), &[0]].concat()),
+            None => self.profiles.iter(),
+        };
+        iter.map(|item| {
+            let (k, v) = item?;
+            decode(&k, &v)
+        })
+    }
+
     /// The turns of a conversation, oldest first; `last` keeps only the
     /// most recent ones.
     pub fn turns(&self, conversation: &str, last: Option<usize>) -> Result<Vec<Turn>, Error> {
@@ -277,103 +517,120 @@ impl Store {
         Ok(out)
     }
 
-    /// Appends a turn to `conversation` (stored if new) and, for customer
-    /// turns, folds `signals` into the customer's profile: all in one sled
-    /// transaction, flushed before returning. Returns the stored turn.
+    /// Appends a turn to `conversation` (stored if new); for customer turns
+    /// folds `signals` into the customer's profile; opens an escalation when
+    /// asked. All in one sled transaction, durable before returning.
+    /// Returns the stored turn and the escalation it opened, if any.
     pub async fn append_turn(
         &self,
         conversation: &mut Conversation,
         new: NewTurn<'_>,
-    ) -> Result<Turn, Error> {
-        let NewTurn {
-            author,
-            text,
-            decision,
-            agent_id,
-            signals,
-            now_ms,
-        } = new;
-        let result = (
-            &self.conversations,
-            &self.turns,
-            &self.profiles,
-            &self.user_conversations,
-        )
-            .transaction(|(convs, turns, profiles, index)| {
-                // Re-read inside the transaction: another turn may have landed.
-                let mut conv: Conversation = match convs.get(conversation.id.as_bytes())? {
-                    Some(b) => decode(conversation.id.as_bytes(), &b)
-                        .map_err(ConflictableTransactionError::Abort)?,
-                    None => conversation.clone(),
+    ) -> Result<(Turn, Option<Escalation>), Error> {
+        let (conv, turn, escalation) = self.transaction(|tx| {
+            // Re-read inside the transaction: another turn may have landed.
+            let mut conv: Conversation = tx_get(tx.convs, conversation.id.as_bytes())?
+                .unwrap_or_else(|| conversation.clone());
+            conv.last_turn += 1;
+            let turn = Turn {
+                v: FORMAT_VERSION,
+                turn_id: conv.last_turn,
+                author: new.author,
+                text: new.text.to_string(),
+                created_ms: new.now_ms,
+                decision: new.decision.clone(),
+                agent_id: new.agent_id.to_string(),
+                sentiment: new.signals.map(|s| s.sentiment),
+            };
+            let key = profile_key(&conv.tenant_id, &conv.user_id);
+            let mut profile: Option<Profile> = tx_get(tx.profiles, &key)?;
+            if let Some(s) = new.signals {
+                conv.negative_streak = if s.negative {
+                    conv.negative_streak + 1
+                } else {
+                    0
                 };
-                conv.last_turn += 1;
-                let turn = Turn {
+                conv.clarifications = if s.clarified {
+                    conv.clarifications + 1
+                } else {
+                    0
+                };
+                let mut p = profile.take().unwrap_or_else(|| Profile {
                     v: FORMAT_VERSION,
-                    turn_id: conv.last_turn,
-                    author,
-                    text: text.to_string(),
-                    created_ms: now_ms,
-                    decision: decision.clone(),
-                    agent_id: agent_id.to_string(),
-                };
-                if let Some(s) = signals {
-                    conv.negative_streak = if s.negative {
-                        conv.negative_streak + 1
-                    } else {
-                        0
-                    };
-                    conv.clarifications = if s.clarified {
-                        conv.clarifications + 1
-                    } else {
-                        0
-                    };
-                    let key = profile_key(&conv.tenant_id, &conv.user_id);
-                    let mut p: Profile = match profiles.get(&key)? {
-                        Some(b) => decode(&key, &b).map_err(ConflictableTransactionError::Abort)?,
-                        None => Profile {
-                            v: FORMAT_VERSION,
-                            tenant_id: conv.tenant_id.clone(),
-                            user_id: conv.user_id.clone(),
-                            first_seen_ms: now_ms,
-                            sentiment_score: s.sentiment,
-                            ..Profile::default()
-                        },
-                    };
-                    if p.message_count > 0 {
-                        p.sentiment_score = (1.0 - SENTIMENT_ALPHA) * p.sentiment_score
-                            + SENTIMENT_ALPHA * s.sentiment;
-                    }
-                    p.last_seen_ms = now_ms;
-                    p.message_count += 1;
-                    p.consecutive_negative = if s.negative {
-                        p.consecutive_negative + 1
-                    } else {
-                        0
-                    };
-                    *p.intent_counts.entry(s.intent.clone()).or_default() += 1;
-                    if s.escalated {
-                        p.escalation_count += 1;
-                    }
-                    p.language = s.language.clone();
-                    profiles.insert(key, encode(&p))?;
+                    tenant_id: conv.tenant_id.clone(),
+                    user_id: conv.user_id.clone(),
+                    first_seen_ms: new.now_ms,
+                    sentiment_score: s.sentiment,
+                    ..Profile::default()
+                });
+                if p.message_count > 0 {
+                    p.sentiment_score =
+                        (1.0 - SENTIMENT_ALPHA) * p.sentiment_score + SENTIMENT_ALPHA * s.sentiment;
                 }
-                turns.insert(turn_key(&conv.id, turn.turn_id), encode(&turn))?;
-                convs.insert(conv.id.as_bytes(), encode(&conv))?;
-                index.insert(
-                    user_conversation_key(&conv.tenant_id, &conv.user_id, &conv.id),
-                    &[],
-                )?;
-                Ok((conv, turn))
-            });
-        let (conv, turn) = match result {
-            Ok(ok) => ok,
-            Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
-        };
+                p.last_seen_ms = new.now_ms;
+                p.message_count += 1;
+                p.consecutive_negative = if s.negative {
+                    p.consecutive_negative + 1
+                } else {
+                    0
+                };
+                *p.intent_counts.entry(s.intent.clone()).or_default() += 1;
+                p.language = s.language.clone();
+                profile = Some(p);
+            }
+            let mut opened = None;
+            if let Some(esc) = new
+                .escalate
+                .as_ref()
+                .filter(|_| conv.open_escalation.is_none())
+            {
+                let e = Escalation {
+                    v: FORMAT_VERSION,
+                    id: format!("e_{}", uuid::Uuid::new_v4().simple()),
+                    conversation_id: conv.id.clone(),
+                    tenant_id: conv.tenant_id.clone(),
+                    user_id: conv.user_id.clone(),
+                    status: EscalationStatus::Waiting,
+                    priority: esc.priority.clone(),
+                    decision: esc.decision.clone(),
+                    created_ms: new.now_ms,
+                    agent_id: String::new(),
+                    claimed_ms: 0,
+                    resolved_ms: 0,
+                    outcome: String::new(),
+                };
+                tx.escalations.insert(e.id.as_bytes(), encode(&e))?;
+                tx.queue.insert(queue_key(&e), e.id.as_bytes())?;
+                conv.held_by_agent = true;
+                conv.open_escalation = Some(e.id.clone());
+                conv.escalations.push(e.id.clone());
+                if let Some(p) = profile.as_mut() {
+                    p.escalation_count += 1;
+                }
+                opened = Some(e);
+            }
+            if let Some((turn_id, decision)) = &new.amend_decision {
+                let k = turn_key(&conv.id, *turn_id);
+                if let Some(mut earlier) = tx_get::<Turn>(tx.turns, &k)? {
+                    earlier.decision = Some(decision.clone());
+                    tx.turns.insert(k, encode(&earlier))?;
+                }
+            }
+            if let Some(p) = &profile {
+                tx.profiles.insert(key, encode(p))?;
+            }
+            tx.turns
+                .insert(turn_key(&conv.id, turn.turn_id), encode(&turn))?;
+            tx.convs.insert(conv.id.as_bytes(), encode(&conv))?;
+            tx.index.insert(
+                user_conversation_key(&conv.tenant_id, &conv.user_id, &conv.id),
+                &[],
+            )?;
+            Ok((conv, turn, opened))
+        })?;
         // Acknowledge only durable turns.
-        self.db.flush_async().await?;
+        self.durable().await?;
         *conversation = conv;
-        Ok(turn)
+        Ok((turn, escalation))
     }
 
     /// Conversation ids of a customer.
@@ -384,6 +641,35 @@ impl Store {
             .keys()
             .map(|k| Ok(String::from_utf8_lossy(&k?[prefix.len()..]).into_owned()))
             .collect()
+    }
+
+    /// The number of records in each tree, for tests and diagnostics.
+    pub fn tree_sizes(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            ("conversations", self.conversations.len()),
+            ("turns", self.turns.len()),
+            ("profiles", self.profiles.len()),
+            ("user_conversations", self.user_conversations.len()),
+            ("escalations", self.escalations.len()),
+            ("escalation_queue", self.queue.len()),
+            ("corrections", self.corrections.len()),
+        ]
+    }
+
+    /// Every key and value in every tree, for tests that prove something
+    /// is gone.
+    pub fn dump(&self) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for name in self.db.tree_names() {
+            let Ok(tree) = self.db.open_tree(&name) else {
+                continue;
+            };
+            let name = String::from_utf8_lossy(&name).into_owned();
+            for (k, v) in tree.iter().flatten() {
+                out.push((name.clone(), k.to_vec(), v.to_vec()));
+            }
+        }
+        out
     }
 }
 
@@ -397,7 +683,6 @@ mod tests {
             sentiment,
             negative: sentiment < -0.2,
             clarified: false,
-            escalated: false,
             language: "zh".into(),
         }
     }
@@ -429,14 +714,14 @@ mod tests {
         let mut conv = Store::new_conversation("shop", "u1", 1_000);
         let neg = signals("order_status", -0.8);
         let calm = signals("order_status", 0.0);
-        let t1 = store
+        let (t1, _) = store
             .append_turn(
                 &mut conv,
                 NewTurn::customer("我的快递到哪了", None, &neg, 1_000),
             )
             .await
             .unwrap();
-        let t2 = store
+        let (t2, _) = store
             .append_turn(&mut conv, NewTurn::bot("请提供订单号", 1_001))
             .await
             .unwrap();

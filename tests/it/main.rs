@@ -2,8 +2,12 @@
 //! They run the real thing: candle on real checkpoints, the real gRPC server
 //! on 127.0.0.1:0.
 
+mod agents;
+mod chat;
 mod classifier;
 mod common;
 mod generator;
+mod harness;
+mod marketing;
 mod server;
 mod training;

@@ -8,70 +8,17 @@ use futures::StreamExt;
 use kefu::config::ServeArgs;
 use kefu::service::pb::chat_service_client::ChatServiceClient;
 use kefu::service::pb::ClassifyRequest;
-use kefu::service::{serve_on, ModelLoader, Models, ServeError};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::common::fixture;
-
-struct Running {
-    channel: Channel,
-    stop: Option<oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<Result<(), ServeError>>,
-}
-
-impl Running {
-    async fn stop(mut self) -> Result<(), ServeError> {
-        let _ = self.stop.take().expect("stopped once").send(());
-        tokio::time::timeout(Duration::from_secs(10), self.handle)
-            .await
-            .expect("server stops within 10 s")
-            .expect("server task did not panic")
-    }
-}
+use crate::harness::{serving, start, status, tiny_args, with_key};
 
 fn args() -> ServeArgs {
-    ServeArgs::with_models(fixture("tiny-bert"), fixture("tiny-bert-intent"))
-}
-
-/// Starts the server; the models load when `gate` fires.
-async fn start(args: ServeArgs, gate: oneshot::Receiver<()>) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let load_args = args.clone();
-    let loader: ModelLoader = Box::pin(async move {
-        let _ = gate.await;
-        Models::load(&load_args).await
-    });
-    let (stop, stopped) = oneshot::channel::<()>();
-    let handle = tokio::spawn(serve_on(args, listener, loader, async {
-        let _ = stopped.await;
-    }));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("server accepts connections before models load");
-    Running {
-        channel,
-        stop: Some(stop),
-        handle,
-    }
-}
-
-async fn status(channel: &Channel, service: &str) -> ServingStatus {
-    let reply = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .expect("health answers");
-    ServingStatus::try_from(reply.into_inner().status).unwrap()
+    tiny_args()
 }
 
 #[tokio::test]
@@ -153,20 +100,6 @@ async fn reflection_lists_kefus_services() {
     server.stop().await.unwrap();
 }
 
-async fn serving(args: ServeArgs) -> Running {
-    let (open, gate) = oneshot::channel();
-    open.send(()).unwrap();
-    let server = start(args, gate).await;
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while status(&server.channel, "kefu.v1.ChatService").await != ServingStatus::Serving {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("SERVING within 60 s");
-    server
-}
-
 #[tokio::test]
 async fn classify_returns_every_label_with_probabilities() {
     let server = serving(args()).await;
@@ -217,15 +150,20 @@ async fn classify_rejects_bad_input_with_the_limit() {
 }
 
 #[tokio::test]
-async fn rpcs_of_later_work_answer_unimplemented() {
+async fn unknown_conversations_are_not_found() {
     let server = serving(args()).await;
     let err = ChatServiceClient::new(server.channel.clone())
         .get_conversation(kefu::service::pb::GetConversationRequest {
-            conversation_id: "c1".into(),
+            conversation_id: "c_nothing_here".into(),
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("c_nothing_here"),
+        "{}",
+        err.message()
+    );
     server.stop().await.unwrap();
 }
 
@@ -233,7 +171,8 @@ async fn rpcs_of_later_work_answer_unimplemented() {
 async fn a_model_that_fails_to_load_stops_the_server_with_the_reason() {
     let (open, gate) = oneshot::channel();
     open.send(()).unwrap();
-    let a = ServeArgs::with_models(fixture("tiny-bert"), fixture("no-such-model"));
+    let mut a = tiny_args();
+    a.intent_model = fixture("no-such-model");
     let server = start(a, gate).await;
     let result = tokio::time::timeout(Duration::from_secs(30), server.handle)
         .await
@@ -241,15 +180,6 @@ async fn a_model_that_fails_to_load_stops_the_server_with_the_reason() {
         .unwrap();
     let err = result.unwrap_err().to_string();
     assert!(err.contains("no-such-model"), "{err}");
-}
-
-fn with_key<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    if let Some(k) = key {
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {k}").parse().unwrap());
-    }
-    r
 }
 
 #[tokio::test]
@@ -310,9 +240,11 @@ async fn every_role_against_every_service() {
                     .await
                     .map_or_else(|e| e.code(), |_| Code::Ok),
             };
+            // Admitted calls succeed; DeleteUserData's empty request is
+            // admitted and then refused for its content.
             let expected = match role {
                 None => vec![Code::Unauthenticated],
-                Some(r) if allowed.contains(&r) => vec![Code::Ok, Code::Unimplemented],
+                Some(r) if allowed.contains(&r) => vec![Code::Ok, Code::InvalidArgument],
                 Some(_) => vec![Code::PermissionDenied],
             };
             assert!(expected.contains(&code), "{role:?} on {service}: {code:?}");
@@ -332,4 +264,72 @@ async fn without_keys_kefu_refuses_to_listen_beyond_loopback() {
         err.to_string().contains("only listens on loopback"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn tls_serves_clients_that_trust_the_certificate() {
+    use kefu::service::{serve_on, Models};
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+    let tls = fixture("tls");
+    let mut a = args();
+    a.tls_cert = Some(tls.join("server.crt"));
+    a.tls_key = Some(tls.join("server.key"));
+    let data = tempfile::tempdir().unwrap();
+    a.data_dir = data.path().to_path_buf();
+    a.prompts = crate::common::repo().join("prompts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let load = a.clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(serve_on(
+        a,
+        listener,
+        Box::pin(async move { Models::load(&load).await }),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    kefu::service::install_crypto_provider();
+    let ca = std::fs::read(tls.join("ca.crt")).unwrap();
+    let channel = Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .expect("a TLS client connects");
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while status(&channel, "kefu.v1.ChatService").await != ServingStatus::Serving {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let reply = ChatServiceClient::new(channel)
+        .classify(ClassifyRequest {
+            texts: vec!["在吗".into()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().results.len(), 1);
+    // A plaintext client gets nowhere.
+    let plain = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(plain) = plain {
+        assert!(ChatServiceClient::new(plain)
+            .classify(ClassifyRequest {
+                texts: vec!["在吗".into()],
+            })
+            .await
+            .is_err());
+    }
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
 }

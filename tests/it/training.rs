@@ -242,6 +242,12 @@ fn every_command_has_help() {
         vec!["classify"],
         vec!["train"],
         vec!["eval"],
+        vec!["generate"],
+        vec!["chat"],
+        vec!["export-corrections"],
+        vec!["bench", "classify"],
+        vec!["bench", "generate"],
+        vec!["bench", "chat"],
     ] {
         let out = kefu().args(&cmd).arg("--help").output().unwrap();
         assert!(out.status.success(), "kefu {cmd:?} --help failed");
