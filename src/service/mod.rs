@@ -286,6 +286,13 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().ok();
+    // Connections kefu accepts itself skip tonic's socket settings: without
+    // TCP_NODELAY, small replies wait for the peer's delayed ACK (~40 ms).
+    let incoming = futures::StreamExt::map(TcpListenerStream::new(listener), |conn| {
+        conn.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     let keys = Arc::new(load_keys(&args)?);
     if let Some(addr) = addr.filter(|a| keys.is_empty() && !a.ip().is_loopback()) {
         return Err(ServeError::OpenWithoutKeys(addr));
@@ -388,7 +395,7 @@ pub async fn serve_on(
             admin::AdminApi::new(state.clone()),
             guard(auth::ADMIN),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             // stop_rx fires only when model loading fails; its sender being
             // dropped after a successful load must not stop the server.
             let load_failed = async {

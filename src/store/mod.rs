@@ -12,8 +12,8 @@
 //!
 //! Durability: every write that changes more than one tree is one sled
 //! transaction. [`Store::append_turn`] returns only once its turn is on disk
-//! (a flush per turn, or a shared flush every `group_commit` interval), so an
-//! acknowledged turn survives a crash, SIGKILL included.
+//! (see [`Durability`]), so an acknowledged turn survives a crash, SIGKILL
+//! included.
 
 mod escalations;
 
@@ -287,16 +287,19 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// When an acknowledged write is on disk.
+/// When an acknowledged write is on disk. Either way one task does all the
+/// flushing: sled 0.34 runs each `flush_async` on its small I/O thread pool,
+/// and dozens of concurrent flushes starve that pool and deadlock it (seen
+/// under 64 concurrent clients), so writers never flush on their own.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Durability {
-    /// Every turn is flushed before it is acknowledged: safest, one disk
-    /// sync per message.
+    /// Each write waits for the next flush, which starts as soon as the one
+    /// in progress ends: writes that arrive during a flush share the next
+    /// one (group commit without added delay).
     EveryTurn,
-    /// Turns wait for a shared flush that runs every interval: one sync
-    /// serves every turn of that interval (higher throughput under load),
-    /// at the cost of up to one interval of extra latency per message.
-    /// Still nothing is acknowledged before it is durable.
+    /// Flushes run at most once per interval: fewer disk syncs under load,
+    /// up to one interval of extra latency per write. Still nothing is
+    /// acknowledged before it is durable.
     GroupCommit(Duration),
 }
 
@@ -311,11 +314,13 @@ struct Tx<'a> {
     corrections: &'a TransactionalTree,
 }
 
-/// Group commit: writers take a ticket, the flusher publishes the last
-/// ticket each flush covered.
-struct GroupCommit {
+/// The flusher's bookkeeping: writers take a ticket after their write and
+/// wait until a flush that started after it has finished.
+struct Flusher {
+    db: sled::Db,
     issued: AtomicU64,
     flushed: tokio::sync::watch::Sender<u64>,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Clone)]
@@ -328,11 +333,14 @@ pub struct Store {
     escalations: sled::Tree,
     queue: sled::Tree,
     corrections: sled::Tree,
-    group: Option<Arc<GroupCommit>>,
+    flusher: Option<Arc<Flusher>>,
+    /// Serialises flushes of a store opened without a flusher task.
+    flush_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`, flushing every turn.
+    /// Opens (or creates) the store in `dir` for tools and tests: each
+    /// write flushes before returning, one flush at a time.
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let db = sled::open(dir)?;
         Ok(Self {
@@ -344,53 +352,77 @@ impl Store {
             queue: db.open_tree("escalation_queue")?,
             corrections: db.open_tree("corrections")?,
             db,
-            group: None,
+            flusher: None,
+            flush_lock: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
-    /// Opens the store with the given durability. Group commit starts its
-    /// flusher on the current tokio runtime; it stops when the last clone
-    /// of the store is dropped.
+    /// Opens the store for the server: one flusher task on the current
+    /// tokio runtime does every flush; it stops when the last clone of the
+    /// store is dropped.
     pub fn open_with(dir: &Path, durability: Durability) -> Result<Self, Error> {
         let mut store = Self::open(dir)?;
-        if let Durability::GroupCommit(every) = durability {
-            let (tx, _) = tokio::sync::watch::channel(0u64);
-            let group = Arc::new(GroupCommit {
-                issued: AtomicU64::new(0),
-                flushed: tx,
-            });
-            let weak = Arc::downgrade(&group);
-            let db = store.db.clone();
-            let every = every.max(Duration::from_millis(1));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    let Some(group) = weak.upgrade() else { return };
-                    let target = group.issued.load(Ordering::Acquire);
-                    if target > *group.flushed.borrow() {
-                        match db.flush_async().await {
-                            Ok(_) => {
-                                group.flushed.send_replace(target);
-                            }
-                            Err(e) => tracing::error!(error = %e, "group flush failed; retrying"),
-                        }
+        let (tx, _) = tokio::sync::watch::channel(0u64);
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let flusher = Arc::new(Flusher {
+            db: store.db.clone(),
+            issued: AtomicU64::new(0),
+            flushed: tx,
+            wake: wake.clone(),
+        });
+        // The task holds the flusher (and so the database) only while it
+        // flushes: once the last Store clone is gone, sled closes and its
+        // file lock is released at once.
+        let weak = Arc::downgrade(&flusher);
+        let every = match durability {
+            Durability::EveryTurn => None,
+            Durability::GroupCommit(d) => Some(d.max(Duration::from_millis(1))),
+        };
+        tokio::spawn(async move {
+            loop {
+                let pending = match weak.upgrade() {
+                    None => return,
+                    Some(f) => f.issued.load(Ordering::Acquire) > *f.flushed.borrow(),
+                };
+                if !pending {
+                    // Wait for a writer, and check every second whether
+                    // the store is gone.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+                    continue;
+                }
+                if let Some(d) = every {
+                    tokio::time::sleep(d).await;
+                }
+                let Some(f) = weak.upgrade() else { return };
+                // Everything written before this load is covered by the flush.
+                let target = f.issued.load(Ordering::Acquire);
+                match f.db.flush_async().await {
+                    Ok(_) => {
+                        f.flushed.send_replace(target);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "store flush failed; retrying");
+                        drop(f);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
-            });
-            store.group = Some(group);
-        }
+            }
+        });
+        store.flusher = Some(flusher);
         Ok(store)
     }
 
     /// Returns once everything written before the call is on disk.
     async fn durable(&self) -> Result<(), Error> {
-        match &self.group {
+        match &self.flusher {
             None => {
+                let _one_at_a_time = self.flush_lock.lock().await;
                 self.db.flush_async().await?;
             }
-            Some(group) => {
-                let ticket = group.issued.fetch_add(1, Ordering::AcqRel) + 1;
-                let mut rx = group.flushed.subscribe();
+            Some(f) => {
+                let ticket = f.issued.fetch_add(1, Ordering::AcqRel) + 1;
+                let mut rx = f.flushed.subscribe();
+                f.wake.notify_one();
                 rx.wait_for(|done| *done >= ticket)
                     .await
                     .map_err(|_| Error::Invalid("the store is closing".into()))?;
@@ -767,5 +799,48 @@ mod tests {
             store.owned_conversation("c_none", "shop", "u1"),
             Err(Error::NoConversation(_))
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_writers_are_all_acknowledged() {
+        // 64 writers at once used to starve sled's I/O pool with as many
+        // concurrent flushes; one flusher serves them all.
+        for durability in [
+            Durability::EveryTurn,
+            Durability::GroupCommit(std::time::Duration::from_millis(2)),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open_with(dir.path(), durability).unwrap();
+            let mut tasks = Vec::new();
+            for u in 0..64 {
+                let store = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut conv = Store::new_conversation("shop", &format!("u{u}"), 1);
+                    let s = signals("other", 0.0);
+                    for i in 0..5 {
+                        store
+                            .append_turn(
+                                &mut conv,
+                                NewTurn::customer(&format!("m{i}"), None, &s, 2),
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    conv.id
+                }));
+            }
+            let done = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+                let mut ids = Vec::new();
+                for t in tasks {
+                    ids.push(t.await.unwrap());
+                }
+                ids
+            })
+            .await
+            .expect("every writer is acknowledged");
+            for id in done {
+                assert_eq!(store.turns(&id, None).unwrap().len(), 5);
+            }
+        }
     }
 }

@@ -147,6 +147,7 @@ async fn segments_follow_the_customer_life_cycle_and_the_clock() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("dormant"), "{}", err.message());
     server.stop().await.unwrap();
+    crate::harness::wait_for_store_release(data.path()).await;
 
     // Ninety days later everyone has gone quiet: the same profiles, read
     // against a later clock, are all dormant.
@@ -156,5 +157,67 @@ async fn segments_follow_the_customer_life_cycle_and_the_clock() {
     let s = sizes(&server.channel).await;
     assert_eq!(s["dormant"], 4, "{s:?}");
     assert_eq!(s["new"] + s["active"] + s["at_risk"], 0, "{s:?}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_profiles_stream_out() {
+    use kefu::store::Durability;
+
+    const N: usize = 100_000;
+    let data = Arc::new(tempfile::tempdir().unwrap());
+    {
+        // Many writers sharing group commits build the profiles quickly.
+        let store = Store::open_with(
+            data.path(),
+            Durability::GroupCommit(std::time::Duration::from_millis(20)),
+        )
+        .unwrap();
+        let now = now_ms();
+        let mut tasks = Vec::new();
+        for w in 0..32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let signals = TurnSignals {
+                    intent: "promotion".into(),
+                    sentiment: 0.1,
+                    negative: false,
+                    clarified: false,
+                    language: "zh".into(),
+                };
+                for u in (w..N).step_by(32) {
+                    let mut conv = Store::new_conversation("shop-7", &format!("u{u:06}"), now);
+                    store
+                        .append_turn(
+                            &mut conv,
+                            NewTurn::customer(SECRET_TEXT, None, &signals, now),
+                        )
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    crate::harness::wait_for_store_release(data.path()).await;
+    let server = serving_in(tiny_args(), data.clone()).await;
+    let mut stream = MarketingServiceClient::new(server.channel.clone())
+        .export_segment(ExportSegmentRequest {
+            segment: "interest:promotion".into(),
+            tenant_id: "shop-7".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    let mut last = String::new();
+    while let Some(p) = stream.message().await.unwrap() {
+        assert!(p.user_id > last, "profiles stream in key order");
+        last = p.user_id;
+        n += 1;
+    }
+    assert_eq!(n, N);
     server.stop().await.unwrap();
 }
