@@ -7,7 +7,7 @@ PYTHON ?= python3
 KEFU    = $(CARGO) run --quiet --bin kefu --
 
 .PHONY: run test build models models-test data splits fixtures \
-        train-sentiment train-intent eval lint clean-models help
+        train-sentiment train-intent eval lint clean-models help cuda-toolkit build-cuda
 
 help:
 	@echo "make run     fetch what is missing, build, serve on 127.0.0.1:50051"
@@ -64,6 +64,21 @@ eval: data
 	$(KEFU) eval --model models/sentiment --data data/splits/sentiment-reviews-test.jsonl
 	$(KEFU) eval --model models/sentiment --data data/sentiment/test.jsonl
 	$(KEFU) eval --model models/intent --data data/intents/test.jsonl
+
+# The GPU build. cuda-toolkit assembles CUDA 13.0 from NVIDIA's PyPI wheels
+# into cuda/13.0 (sha256-pinned, idempotent; see scripts/cuda_toolkit.py).
+cuda-toolkit:
+	$(PYTHON) scripts/cuda_toolkit.py
+
+# sm_80 (A100) code and PTX, plus sm_90a (H100/H200) code added by the
+# toolkit's nvcc wrapper. x86-64-v3 instead of `native`: the binary runs on
+# the GPU machine, not here. No debuginfo, so the binary stays small.
+CUDA_TK = $(CURDIR)/cuda/13.0
+build-cuda: cuda-toolkit
+	PATH="$(CUDA_TK)/bin:$$PATH" CUDA_HOME="$(CUDA_TK)" CUDA_COMPUTE_CAP=80 \
+	  CUDARC_CUDA_VERSION=13000 RUSTFLAGS="-C target-cpu=x86-64-v3" CARGO_PROFILE_DEV_DEBUG=0 \
+	  CARGO_TARGET_DIR="$${KEFU_CUDA_TARGET_DIR:-/var/tmp/kefu-target-cuda}" \
+	  $(CARGO) build --bin kefu --features cuda
 
 lint:
 	$(CARGO) fmt --check
