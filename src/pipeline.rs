@@ -212,6 +212,10 @@ pub struct Hub {
     escalations: broadcast::Sender<EscalationEvent>,
 }
 
+/// Events a conversation watcher may fall behind by (turns are rare within
+/// one conversation; the ring is allocated per watched conversation).
+const CONVERSATION_CAPACITY: usize = 32;
+/// Events a queue watcher may fall behind by.
 const HUB_CAPACITY: usize = 256;
 
 impl Default for Hub {
@@ -230,8 +234,28 @@ impl Hub {
             .lock()
             .expect("hub lock is never poisoned");
         map.entry(id.to_string())
-            .or_insert_with(|| broadcast::channel(HUB_CAPACITY).0)
+            .or_insert_with(|| broadcast::channel(CONVERSATION_CAPACITY).0)
             .subscribe()
+    }
+
+    /// Called when a conversation watcher goes away: the channel is freed
+    /// once nobody watches, so watched-then-quiet conversations hold nothing.
+    pub fn release_conversation(&self, id: &str) {
+        let mut map = self
+            .conversations
+            .lock()
+            .expect("hub lock is never poisoned");
+        if map.get(id).is_some_and(|tx| tx.receiver_count() == 0) {
+            map.remove(id);
+        }
+    }
+
+    /// Conversations with a live channel, for tests and diagnostics.
+    pub fn watched_conversations(&self) -> usize {
+        self.conversations
+            .lock()
+            .expect("hub lock is never poisoned")
+            .len()
     }
 
     pub fn publish_turn(&self, conversation: &store::Conversation, turn: &Turn) {
@@ -744,6 +768,20 @@ fn template(e: generate::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_conversation_channel_is_freed_when_its_last_watcher_leaves() {
+        let hub = Hub::default();
+        let a = hub.watch_conversation("c1");
+        let b = hub.watch_conversation("c1");
+        assert_eq!(hub.watched_conversations(), 1);
+        drop(a);
+        hub.release_conversation("c1");
+        assert_eq!(hub.watched_conversations(), 1, "b still watches");
+        drop(b);
+        hub.release_conversation("c1");
+        assert_eq!(hub.watched_conversations(), 0);
+    }
 
     #[test]
     fn ids_are_checked() {

@@ -221,21 +221,20 @@ impl pb::chat_service_server::ChatService for ChatApi {
         pipeline::validate_id(&id, "conversation_id")?;
         // Subscribe before checking, so nothing stored in between is missed.
         let mut events = self.state.hub.watch_conversation(&id);
-        if self
-            .state
-            .store
-            .conversation(&id)
-            .map_err(Error::from)?
-            .is_none()
-        {
+        let exists = self.state.store.conversation(&id).map(|c| c.is_some());
+        if !matches!(exists, Ok(true)) {
+            drop(events);
+            self.state.hub.release_conversation(&id);
+            exists.map_err(Error::from)?;
             return Err(Error::NotFound(format!("conversation {id} does not exist")).into());
         }
         let (tx, rx) = mpsc::channel(64);
+        let hub = self.state.hub.clone();
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
                     next = events.recv() => next,
-                    _ = tx.closed() => return,
+                    _ = tx.closed() => break,
                 };
                 let item = match next {
                     Ok(e) => Ok(pb::ConversationEvent {
@@ -246,13 +245,15 @@ impl pb::chat_service_server::ChatService for ChatApi {
                         "this watcher fell {n} events behind; read the conversation with \
                          GetConversation and watch again"
                     ))),
-                    Err(broadcast::error::RecvError::Closed) => return,
+                    Err(broadcast::error::RecvError::Closed) => break,
                 };
                 let end = item.is_err();
                 if tx.send(item).await.is_err() || end {
-                    return;
+                    break;
                 }
             }
+            drop(events);
+            hub.release_conversation(&id);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
