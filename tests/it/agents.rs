@@ -14,7 +14,6 @@ use kefu::service::pb::{
     ListEscalationsRequest, PostAgentReplyRequest, Priority, ResolveEscalationRequest, Route,
     WatchConversationRequest, WatchEscalationsRequest,
 };
-use kefu::store::Store;
 use tonic::Code;
 
 use crate::chat::{route, send};
@@ -364,22 +363,15 @@ async fn deleting_a_customer_leaves_nothing_of_them_in_any_tree() {
             .unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
     }
-    let dir = server.data_dir();
-    let data = server.data.clone();
-    server.stop().await.unwrap();
-    crate::harness::wait_for_store_release(&dir).await;
-    let store = Store::open(&dir).unwrap();
-    for (tree, k, v) in store.dump() {
-        for needle in [
+    let (store, _data) = server.stop_and_open_store().await;
+    crate::harness::assert_nothing_contains(
+        &store,
+        &[
             victim,
             a.conversation_id.as_str(),
             b.conversation_id.as_str(),
-        ] {
-            let hit = |b: &[u8]| String::from_utf8_lossy(b).contains(needle);
-            assert!(!hit(&k) && !hit(&v), "{needle} left in {tree}");
-        }
-    }
+        ],
+    );
     assert_eq!(store.turns(&kept.conversation_id, None).unwrap().len(), 2);
     assert!(store.profile("shop-7", "bystander").unwrap().is_some());
-    drop(data);
 }

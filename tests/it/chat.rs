@@ -297,15 +297,10 @@ async fn bad_input_gets_the_right_code_and_stores_nothing() {
         let err = chat.stream_message(req).await.unwrap_err();
         assert_eq!(err.code(), code, "streamed: {}", err.message());
     }
-    let dir = server.data_dir();
-    let data = server.data.clone();
-    server.stop().await.unwrap();
-    crate::harness::wait_for_store_release(&dir).await;
-    let store = Store::open(&dir).unwrap();
+    let (store, _data) = server.stop_and_open_store().await;
     for (tree, n) in store.tree_sizes() {
         assert_eq!(n, 0, "{tree} has records after rejected requests");
     }
-    drop(data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,18 +317,8 @@ async fn personal_data_never_reaches_the_store() {
         "{}",
         stored.turns[0].text
     );
-    let dir = server.data_dir();
-    let data = server.data.clone();
-    server.stop().await.unwrap();
-    crate::harness::wait_for_store_release(&dir).await;
-    let store = Store::open(&dir).unwrap();
-    for (tree, k, v) in store.dump() {
-        for secret in [phone, email, id_number] {
-            let hit = |b: &[u8]| String::from_utf8_lossy(b).contains(secret);
-            assert!(!hit(&k) && !hit(&v), "{secret} found in {tree}");
-        }
-    }
-    drop(data);
+    let (store, _data) = server.stop_and_open_store().await;
+    crate::harness::assert_nothing_contains(&store, &[phone, email, id_number]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

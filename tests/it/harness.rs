@@ -37,6 +37,26 @@ impl Running {
     pub fn data_dir(&self) -> PathBuf {
         self.data.path().to_path_buf()
     }
+
+    /// Stops the server and opens what it stored; the directory lives as
+    /// long as the returned guard.
+    pub async fn stop_and_open_store(self) -> (kefu::store::Store, Arc<TempDir>) {
+        let data = self.data.clone();
+        self.stop().await.unwrap();
+        wait_for_store_release(data.path()).await;
+        let store = kefu::store::Store::open(data.path()).unwrap();
+        (store, data)
+    }
+}
+
+/// Fails if any key or value in any tree contains one of `needles`.
+pub fn assert_nothing_contains(store: &kefu::store::Store, needles: &[&str]) {
+    for (tree, k, v) in store.dump() {
+        for needle in needles {
+            let hit = |b: &[u8]| String::from_utf8_lossy(b).contains(needle);
+            assert!(!hit(&k) && !hit(&v), "{needle} found in {tree}");
+        }
+    }
 }
 
 /// The tiny fixture classifiers, no generator: fast, for API-shape tests.
