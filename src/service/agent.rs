@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -272,41 +272,26 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         _request: Request<pb::WatchEscalationsRequest>,
     ) -> Result<Response<EventStream<pb::EscalationEvent>>, Status> {
-        let mut events = self.state.hub.watch_escalations();
+        let events = self.state.hub.watch_escalations();
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
         tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    next = events.recv() => next,
-                    _ = tx.closed() => return,
+            let event = |ev: crate::pipeline::EscalationEvent| {
+                let kind = match ev.kind {
+                    EscalationEventKind::New => pb::escalation_event::Kind::New,
+                    EscalationEventKind::Claimed => pb::escalation_event::Kind::Claimed,
+                    EscalationEventKind::Resolved => pb::escalation_event::Kind::Resolved,
                 };
-                let item = match next {
-                    Ok(ev) => {
-                        let kind = match ev.kind {
-                            EscalationEventKind::New => pb::escalation_event::Kind::New,
-                            EscalationEventKind::Claimed => pb::escalation_event::Kind::Claimed,
-                            EscalationEventKind::Resolved => pb::escalation_event::Kind::Resolved,
-                        };
-                        let turns = state
-                            .store
-                            .turns(&ev.escalation.conversation_id, Some(20))
-                            .unwrap_or_default();
-                        Ok(pb::EscalationEvent {
-                            kind: kind as i32,
-                            escalation: Some(convert::escalation(&ev.escalation, &turns)),
-                        })
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => Err(Status::aborted(format!(
-                        "this watcher fell {n} events behind; list the queue and watch again"
-                    ))),
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                let end = item.is_err();
-                if tx.send(item).await.is_err() || end {
-                    return;
+                let turns = state
+                    .store
+                    .turns(&ev.escalation.conversation_id, Some(20))
+                    .unwrap_or_default();
+                pb::EscalationEvent {
+                    kind: kind as i32,
+                    escalation: Some(convert::escalation(&ev.escalation, &turns)),
                 }
-            }
+            };
+            super::forward(events, tx, event, "list the queue and watch again").await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

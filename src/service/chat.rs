@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -220,7 +220,7 @@ impl pb::chat_service_server::ChatService for ChatApi {
         let id = request.into_inner().conversation_id;
         pipeline::validate_id(&id, "conversation_id")?;
         // Subscribe before checking, so nothing stored in between is missed.
-        let mut events = self.state.hub.watch_conversation(&id);
+        let events = self.state.hub.watch_conversation(&id);
         let exists = self.state.store.conversation(&id).map(|c| c.is_some());
         if !matches!(exists, Ok(true)) {
             drop(events);
@@ -231,28 +231,12 @@ impl pb::chat_service_server::ChatService for ChatApi {
         let (tx, rx) = mpsc::channel(64);
         let hub = self.state.hub.clone();
         tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    next = events.recv() => next,
-                    _ = tx.closed() => break,
-                };
-                let item = match next {
-                    Ok(e) => Ok(pb::ConversationEvent {
-                        turn: Some(convert::turn(&e.turn)),
-                        held_by_agent: e.held_by_agent,
-                    }),
-                    Err(broadcast::error::RecvError::Lagged(n)) => Err(Status::aborted(format!(
-                        "this watcher fell {n} events behind; read the conversation with \
-                         GetConversation and watch again"
-                    ))),
-                    Err(broadcast::error::RecvError::Closed) => break,
-                };
-                let end = item.is_err();
-                if tx.send(item).await.is_err() || end {
-                    break;
-                }
-            }
-            drop(events);
+            let turn = |e: crate::pipeline::ConversationEvent| pb::ConversationEvent {
+                turn: Some(convert::turn(&e.turn)),
+                held_by_agent: e.held_by_agent,
+            };
+            let catch_up = "read the conversation with GetConversation and watch again";
+            super::forward(events, tx, turn, catch_up).await;
             hub.release_conversation(&id);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

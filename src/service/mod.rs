@@ -483,3 +483,32 @@ pub async fn serve_on(
         }
     }
 }
+
+/// Streams a hub subscription to one client until the client leaves or the
+/// channel closes: each event through `convert`; a watcher that falls behind
+/// gets ABORTED, with `catch_up` saying how to recover.
+pub(crate) async fn forward<E: Clone, T>(
+    mut events: tokio::sync::broadcast::Receiver<E>,
+    tx: tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
+    convert: impl Fn(E) -> T,
+    catch_up: &str,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let next = tokio::select! {
+            next = events.recv() => next,
+            _ = tx.closed() => return,
+        };
+        let item = match next {
+            Ok(e) => Ok(convert(e)),
+            Err(RecvError::Lagged(n)) => Err(tonic::Status::aborted(format!(
+                "this watcher fell {n} events behind; {catch_up}"
+            ))),
+            Err(RecvError::Closed) => return,
+        };
+        let end = item.is_err();
+        if tx.send(item).await.is_err() || end {
+            return;
+        }
+    }
+}
