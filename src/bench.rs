@@ -9,12 +9,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::classify::checkpoint::Checkpoint;
+use crate::classify::device_label;
 use crate::classify::tokenizer;
 use crate::classify::worker::{pad_id, probabilities};
+use crate::device::{OnGpuFailure, Policy, Want};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClassifyBenchArgs {
@@ -31,6 +32,13 @@ pub struct ClassifyBenchArgs {
     /// Python with torch and transformers; empty skips the PyTorch side.
     #[arg(long, env = "KEFU_BENCH_PYTHON", default_value = "python3")]
     pub torch_python: String,
+    /// Batch sizes to measure, each with short and long texts.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub batches: Vec<usize>,
+    /// Where kefu's side runs (cuda needs a `make build-cuda` binary). The
+    /// PyTorch side always runs on the CPU.
+    #[arg(long, value_enum, default_value_t = Want::Cpu)]
+    pub device: Want,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -59,7 +67,7 @@ pub struct FrameworkResult {
 
 /// Short chat messages (~20 characters) and long ones (~128 tokens), zh and
 /// en, as customers send them.
-fn cases() -> Vec<Case> {
+fn cases(batches: &[usize]) -> Vec<Case> {
     let short = [
         "我的快递到哪了，怎么还没到啊？",
         "这件衣服有没有XL码的？",
@@ -83,30 +91,18 @@ fn cases() -> Vec<Case> {
             .map(|i| format!("{}{}", base[i % base.len()], " ".repeat(i / base.len())))
             .collect()
     };
-    let short64 = make(&short, 64);
-    let long64 = make(&[long_zh, long_en], 64);
-    vec![
-        Case {
-            name: "short".into(),
-            batch: 1,
-            texts: short64.clone(),
-        },
-        Case {
-            name: "short".into(),
-            batch: 32,
-            texts: short64,
-        },
-        Case {
-            name: "long".into(),
-            batch: 1,
-            texts: long64.clone(),
-        },
-        Case {
-            name: "long".into(),
-            batch: 32,
-            texts: long64,
-        },
-    ]
+    let mut out = Vec::new();
+    for (name, base) in [("short", &short[..]), ("long", &[long_zh, long_en][..])] {
+        for &batch in batches {
+            let batch = batch.max(1);
+            out.push(Case {
+                name: name.into(),
+                batch,
+                texts: make(base, batch.max(64)),
+            });
+        }
+    }
+    out
 }
 
 fn peak_rss_mb() -> f64 {
@@ -124,7 +120,12 @@ fn peak_rss_mb() -> f64 {
 fn run_kefu(args: &ClassifyBenchArgs, cases: &[Case]) -> anyhow::Result<FrameworkResult> {
     // candle sizes its matmul thread pool from this variable.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
-    let device = Device::Cpu;
+    let policy = Policy {
+        want: args.device,
+        on_failure: OnGpuFailure::Refuse,
+    };
+    let (device, reason) = crate::classify::place(policy)?;
+    eprintln!("bench: kefu on {} ({reason})", device_label(&device));
     let ckpt = Checkpoint::load(&args.model, 128, &device)?;
     let pad = pad_id(&ckpt.tokenizer);
     let mut results = Vec::new();
@@ -155,7 +156,11 @@ fn run_kefu(args: &ClassifyBenchArgs, cases: &[Case]) -> anyhow::Result<Framewor
         });
     }
     Ok(FrameworkResult {
-        framework: format!("kefu {} (candle 0.10)", env!("CARGO_PKG_VERSION")),
+        framework: format!(
+            "kefu {} (candle 0.10, {})",
+            env!("CARGO_PKG_VERSION"),
+            device_label(&device)
+        ),
         results,
         peak_rss_mb: peak_rss_mb(),
     })
@@ -220,7 +225,7 @@ fn run_torch(args: &ClassifyBenchArgs, cases: &[Case]) -> anyhow::Result<Framewo
 /// Runs kefu's and PyTorch's classifier on the same texts and prints a table
 /// with the ratio.
 pub fn classify(args: &ClassifyBenchArgs) -> anyhow::Result<()> {
-    let cases = cases();
+    let cases = cases(&args.batches);
     eprintln!(
         "bench: kefu on {} ({} threads, {} s per case)",
         args.model.display(),
@@ -297,6 +302,13 @@ pub struct GenerateBenchArgs {
     /// Python with llama-cpp-python; empty skips the llama.cpp side.
     #[arg(long, env = "KEFU_BENCH_PYTHON", default_value = "python3")]
     pub llama_python: String,
+    /// Also start N replies at once and report kefu's aggregate decode
+    /// tokens/s (mistral.rs batches them); 0 skips this.
+    #[arg(long, default_value_t = 0)]
+    pub concurrent: usize,
+    /// Where mistral.rs runs (cuda needs a `make build-cuda` binary).
+    #[arg(long, value_enum, default_value_t = Want::Auto)]
+    pub device: Want,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -310,6 +322,16 @@ pub struct GenerateResult {
     pub prompt_tokens_per_second: f64,
     pub decode_tokens_per_second: f64,
     pub time_to_first_token_seconds: f64,
+    /// Where it ran: `cuda:0` or `cpu` (mistral.rs' side only).
+    #[serde(default)]
+    pub device: String,
+    /// Replies started at once for the aggregate figure (0: not measured).
+    #[serde(default)]
+    pub concurrent: usize,
+    /// Generated tokens per second over all of them, from the first request
+    /// to the last token.
+    #[serde(default)]
+    pub concurrent_tokens_per_second: f64,
 }
 
 const BENCH_SYSTEM: &str =
@@ -337,31 +359,34 @@ async fn run_mistral(
     let generator = MistralGenerator::load(
         path,
         &Options {
-            force_cpu: false,
-            max_concurrent: 1,
+            device: Policy {
+                want: args.device,
+                on_failure: OnGpuFailure::Refuse,
+            },
+            max_concurrent: args.concurrent.max(1),
             // Every run sends the same prompt: a prefix cache would skip prefill.
             prefix_cache: 0,
         },
     )
     .await?;
+    let request = || Request {
+        messages: vec![
+            Message::new(Role::System, BENCH_SYSTEM),
+            Message::new(Role::User, BENCH_USER),
+        ],
+        sampling: Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            max_new_tokens: args.max_new_tokens,
+            stop: Vec::new(),
+        },
+        deadline: Instant::now() + Duration::from_secs(600),
+    };
     let mut results = Vec::new();
     for run in 0..args.runs.max(2) {
-        let request = Request {
-            messages: vec![
-                Message::new(Role::System, BENCH_SYSTEM),
-                Message::new(Role::User, BENCH_USER),
-            ],
-            sampling: Sampling {
-                temperature: 0.0,
-                top_p: 1.0,
-                max_new_tokens: args.max_new_tokens,
-                stop: Vec::new(),
-            },
-            deadline: Instant::now() + Duration::from_secs(600),
-        };
         let started = Instant::now();
         let mut first = None;
-        let mut stream = generator.stream(request).await?;
+        let mut stream = generator.stream(request()).await?;
         let usage = loop {
             match stream.recv().await {
                 Some(Ok(Event::Delta(_))) => {
@@ -382,10 +407,40 @@ async fn run_mistral(
                 prompt_tokens_per_second: usage.prompt_tokens_per_second,
                 decode_tokens_per_second: usage.completion_tokens_per_second,
                 time_to_first_token_seconds: first.unwrap_or(0.0),
+                ..GenerateResult::default()
             });
         }
     }
-    Ok(mean(&results))
+    let mut result = mean(&results);
+    result.device = generator.device();
+    if args.concurrent > 0 {
+        // All at once, so mistral.rs schedules them as one batch.
+        let started = Instant::now();
+        let mut streams = Vec::with_capacity(args.concurrent);
+        for _ in 0..args.concurrent {
+            streams.push(generator.stream(request()).await?);
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut stream in streams {
+            tasks.spawn(async move {
+                loop {
+                    match stream.recv().await {
+                        Some(Ok(Event::Delta(_))) => {}
+                        Some(Ok(Event::Done(u))) => return Ok(u.completion_tokens),
+                        Some(Err(e)) => return Err(anyhow::Error::from(e)),
+                        None => anyhow::bail!("a reply stream ended early"),
+                    }
+                }
+            });
+        }
+        let mut tokens = 0;
+        while let Some(done) = tasks.join_next().await {
+            tokens += done??;
+        }
+        result.concurrent = args.concurrent;
+        result.concurrent_tokens_per_second = tokens as f64 / started.elapsed().as_secs_f64();
+    }
+    Ok(result)
 }
 
 fn mean(results: &[GenerateResult]) -> GenerateResult {
@@ -504,6 +559,16 @@ pub async fn generate(args: &GenerateBenchArgs) -> anyhow::Result<()> {
             t.as_ref().map(|t| t.time_to_first_token_seconds),
             false,
         )?;
+        if o.concurrent > 0 {
+            writeln!(
+                out,
+                "| {} | aggregate decode tokens/s, {} at once | {:.2} | - | - |",
+                o.model, o.concurrent, o.concurrent_tokens_per_second
+            )?;
+        }
+    }
+    if let Some((o, _)) = rows.first() {
+        writeln!(out, "\nmistral.rs on {}", o.device)?;
     }
     writeln!(
         out,

@@ -417,6 +417,7 @@ fn eval_cmd(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
+    use crate::device::{Policy, Want};
     use crate::generate::mistral::{MistralGenerator, Options};
     use crate::generate::prompt::{PromptContext, PromptSettings, Prompts};
     use crate::generate::{Event, Generator, Request, Sampling};
@@ -432,7 +433,10 @@ async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
     let generator = MistralGenerator::load(
         &args.model,
         &Options {
-            force_cpu: args.cpu,
+            device: Policy {
+                want: if args.cpu { Want::Cpu } else { Want::Auto },
+                ..Policy::default()
+            },
             ..Options::default()
         },
     )

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::classify::{BatchLimits, BertSettings};
+use crate::device::{OnGpuFailure, Policy, Want};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -30,6 +31,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub generator: GeneratorArgs,
+
+    #[command(flatten)]
+    pub devices: DeviceArgs,
 
     /// Where conversations, profiles and escalations are kept (a sled
     /// database; created if missing).
@@ -206,6 +210,51 @@ impl GeneratorArgs {
     }
 }
 
+/// Where the models run. Every choice and its reason is logged at start.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DeviceArgs {
+    /// Device for both models: auto (the GPU when this kefu is built with
+    /// CUDA and finds one), cpu, or cuda.
+    #[arg(long, env = "KEFU_DEVICE", value_enum, default_value_t = Want::Auto)]
+    pub device: Want,
+
+    /// Device for the BERT classifiers only (overrides --device).
+    #[arg(long, env = "KEFU_CLASSIFIER_DEVICE", value_enum)]
+    pub classifier_device: Option<Want>,
+
+    /// Device for the generator only (overrides --device; --generator-cpu
+    /// is the same as `--generator-device cpu`).
+    #[arg(long, env = "KEFU_GENERATOR_DEVICE", value_enum)]
+    pub generator_device: Option<Want>,
+
+    /// When the GPU was asked for or chosen and cannot be used (no device,
+    /// a CPU-only build with --device cuda, out of memory while loading):
+    /// cpu runs that model on the CPU, refuse stops kefu with the reason.
+    #[arg(long, env = "KEFU_GPU_FALLBACK", value_enum, default_value_t = OnGpuFailure::Cpu)]
+    pub gpu_fallback: OnGpuFailure,
+}
+
+impl DeviceArgs {
+    pub fn classifier(&self) -> Policy {
+        Policy {
+            want: self.classifier_device.unwrap_or(self.device),
+            on_failure: self.gpu_fallback,
+        }
+    }
+
+    pub fn generator(&self, generator_cpu: bool) -> Policy {
+        let want = if generator_cpu {
+            Want::Cpu
+        } else {
+            self.generator_device.unwrap_or(self.device)
+        };
+        Policy {
+            want,
+            on_failure: self.gpu_fallback,
+        }
+    }
+}
+
 /// How the classifier threads batch work. Bigger batches raise throughput
 /// under load and cost latency for the messages that wait for them.
 #[derive(Debug, Clone, Args)]
@@ -239,6 +288,7 @@ impl ClassifierArgs {
                 max_batch_tokens: self.max_batch_tokens.max(self.max_seq_len),
                 queue: self.queue.max(1),
             },
+            device: Policy::default(),
         }
     }
 }
@@ -265,6 +315,7 @@ impl ServeArgs {
             generator: GeneratorArgs::with_model(
                 "models/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct.gguf".into(),
             ),
+            devices: DeviceArgs::default(),
             data_dir: "var/kefu".into(),
             prompts: "prompts".into(),
             policy: None,

@@ -13,6 +13,7 @@ pub mod bench;
 pub mod classify;
 pub mod cli;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod pipeline;

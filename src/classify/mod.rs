@@ -17,9 +17,12 @@ pub mod worker;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use candle_core::Device;
 use serde::Serialize;
 
 pub use worker::{BatchLimits, ModelWorker};
+
+use crate::device::{self, Policy};
 
 /// The sentiments kefu tells apart; the routing policy depends on them.
 pub const SENTIMENT_LABELS: [&str; 3] = ["negative", "neutral", "positive"];
@@ -243,37 +246,97 @@ pub struct BertSettings {
     /// Longest input in tokens, `[CLS]` and `[SEP]` included.
     pub max_len: usize,
     pub limits: BatchLimits,
+    /// Where the classifiers run.
+    pub device: Policy,
+}
+
+/// candle's device for `policy`, and the reason for the log. The refusal
+/// (`--gpu-fallback refuse`) is an `Error::Invalid` worded for operators.
+pub fn place(policy: Policy) -> Result<(Device, String), Error> {
+    let placement = device::decide(policy, device::BUILT_WITH_CUDA, || {
+        Device::new_cuda(0).map_err(|e| e.to_string())
+    })
+    .map_err(Error::Invalid)?;
+    Ok((placement.gpu.unwrap_or(Device::Cpu), placement.reason))
+}
+
+/// `cuda:0` or `cpu`, as the logs and `kefu bench` print it.
+pub fn device_label(device: &Device) -> &'static str {
+    if device.is_cuda() {
+        "cuda:0"
+    } else {
+        "cpu"
+    }
+}
+
+/// Loads a checkpoint on `device`; when that is the GPU and loading fails
+/// (out of memory), on the CPU or not at all, as `policy` says.
+pub fn load_placed(
+    dir: &Path,
+    max_len: usize,
+    device: &Device,
+    reason: &str,
+    policy: Policy,
+) -> Result<(checkpoint::Checkpoint, Device, String), Error> {
+    match checkpoint::Checkpoint::load(dir, max_len, device) {
+        Ok(ckpt) => Ok((ckpt, device.clone(), reason.to_string())),
+        Err(e) if device.is_cuda() => {
+            let fallback =
+                device::after_gpu_failure::<()>(policy, &e.to_string()).map_err(Error::Invalid)?;
+            let ckpt = checkpoint::Checkpoint::load(dir, max_len, &Device::Cpu)?;
+            Ok((ckpt, Device::Cpu, fallback.reason))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Sentiment and intent from two BERT checkpoints, each on its own thread.
 pub struct BertClassifier {
     sentiment: ModelWorker,
     intent: ModelWorker,
+    device: &'static str,
 }
 
 impl BertClassifier {
-    /// Loads both checkpoints on the CPU. Blocking: call from a blocking
-    /// context.
+    /// Loads both checkpoints where `settings.device` says. Blocking: call
+    /// from a blocking context.
     pub fn load(sentiment: &Path, intent: &Path, settings: &BertSettings) -> Result<Self, Error> {
-        let device = candle_core::Device::Cpu;
-        let load = |task: Task, dir: &Path| -> Result<ModelWorker, Error> {
-            let ckpt = checkpoint::Checkpoint::load(dir, settings.max_len, &device)?;
+        let (device, reason) = place(settings.device)?;
+        let mut placed = "cpu";
+        let mut load = |task: Task, dir: &Path| -> Result<ModelWorker, Error> {
+            let (ckpt, device, reason) =
+                load_placed(dir, settings.max_len, &device, &reason, settings.device)?;
             let map = LabelMap::new(task, &ckpt.labels, dir)?;
+            placed = device_label(&device);
             tracing::info!(
                 task = ?task,
                 model = %dir.display(),
                 labels = ckpt.labels.len(),
                 layers = ckpt.config.num_hidden_layers,
                 hidden = ckpt.config.hidden_size,
-                device = "cpu",
+                device = placed,
+                reason = %reason,
                 "classifier loaded"
             );
-            Ok(ModelWorker::spawn(ckpt, map, settings.limits.clone()))
+            Ok(ModelWorker::spawn(
+                ckpt,
+                device,
+                map,
+                settings.limits.clone(),
+            ))
         };
+        let sentiment = load(Task::Sentiment, sentiment)?;
+        let intent = load(Task::Intent, intent)?;
         Ok(Self {
-            sentiment: load(Task::Sentiment, sentiment)?,
-            intent: load(Task::Intent, intent)?,
+            sentiment,
+            intent,
+            device: placed,
         })
+    }
+
+    /// Where the classifiers run: `cuda:0` or `cpu`.
+    pub fn device(&self) -> &'static str {
+        self.device
     }
 }
 

@@ -49,7 +49,14 @@ pub struct ModelWorker {
 }
 
 impl ModelWorker {
-    pub fn spawn(checkpoint: Checkpoint, labels: LabelMap, limits: BatchLimits) -> Self {
+    /// Starts the model's thread; `device` is where the checkpoint was
+    /// loaded.
+    pub fn spawn(
+        checkpoint: Checkpoint,
+        device: Device,
+        labels: LabelMap,
+        limits: BatchLimits,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(limits.queue.max(1));
         let tokenizer = Arc::new(checkpoint.tokenizer.clone());
         let pad_id = pad_id(&checkpoint.tokenizer);
@@ -64,7 +71,7 @@ impl ModelWorker {
         );
         std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(checkpoint.model, rx, limits, pad_id))
+            .spawn(move || run(checkpoint.model, device, rx, limits, pad_id))
             .expect("spawning a thread only fails when the OS is out of resources");
         Self {
             tx,
@@ -106,11 +113,11 @@ pub fn pad_id(tokenizer: &Tokenizer) -> u32 {
 
 fn run(
     model: BertForSequenceClassification,
+    device: Device,
     mut rx: mpsc::Receiver<Job>,
     limits: BatchLimits,
     pad_id: u32,
 ) {
-    let device = Device::Cpu;
     let mut carried: Option<Job> = None;
     loop {
         let first = match carried.take() {

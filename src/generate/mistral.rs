@@ -16,13 +16,15 @@ use mistralrs::{
 };
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::device::{self, Placement, Policy};
+
 use super::{Error, Event, Generator, ReplyStream, Request, Role, StopFilter, Usage};
 
 /// How to load and run the model.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Run on the CPU even when a GPU is available.
-    pub force_cpu: bool,
+    /// Where to run, and what to do when the GPU cannot be used.
+    pub device: Policy,
     /// Replies generated at once (batched by mistral.rs); past it callers
     /// get `Overloaded`.
     pub max_concurrent: usize,
@@ -34,7 +36,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            force_cpu: false,
+            device: Policy::default(),
             max_concurrent: 8,
             prefix_cache: 16,
         }
@@ -49,18 +51,17 @@ pub struct MistralGenerator {
     path: PathBuf,
 }
 
-/// Where the model will run, and why.
-pub fn choose_device(force_cpu: bool) -> (bool, &'static str) {
-    if force_cpu {
-        return (false, "CPU forced by configuration");
-    }
-    if !cfg!(feature = "cuda") {
-        return (false, "built without the cuda feature");
-    }
-    match mistralrs::best_device(false) {
-        Ok(d) if d.is_cuda() => (true, "CUDA device 0 found"),
-        _ => (false, "no usable CUDA device found"),
-    }
+/// Where the model will run, and why; `Err` is the refusal.
+pub fn choose_device(policy: Policy) -> Result<Placement<()>, String> {
+    device::decide(
+        policy,
+        device::BUILT_WITH_CUDA,
+        || match mistralrs::best_device(false) {
+            Ok(d) if d.is_cuda() => Ok(()),
+            Ok(_) => Err("mistral.rs found no CUDA device".into()),
+            Err(e) => Err(e.to_string()),
+        },
+    )
 }
 
 impl MistralGenerator {
@@ -77,47 +78,32 @@ impl MistralGenerator {
                 "no such file or directory; run `make models` or pass --generator-model".into(),
             ));
         }
-        let (gpu, why) = choose_device(options.force_cpu);
+        let placement = choose_device(options.device).map_err(fail)?;
         let max_seqs = options.max_concurrent.max(1);
         let prefix = (options.prefix_cache > 0).then_some(options.prefix_cache);
         let started = std::time::Instant::now();
-        let model = if path.is_file() {
-            let dir = path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let file = path
-                .file_name()
-                .and_then(|f| f.to_str())
-                .ok_or_else(|| fail("the file name is not UTF-8".into()))?;
-            let mut b = GgufModelBuilder::new(dir.display().to_string(), vec![file.to_string()])
-                .with_token_source(TokenSource::None)
-                .with_max_num_seqs(max_seqs)
-                .with_prefix_cache_n(prefix);
-            if !gpu {
-                b = b.with_force_cpu();
+        let (model, why) = match build(path, max_seqs, prefix, placement.gpu.is_some()).await {
+            Ok(model) => (model, placement.reason),
+            Err(e) if placement.gpu.is_some() => {
+                let fallback: Placement<()> =
+                    device::after_gpu_failure(options.device, &e).map_err(fail)?;
+                tracing::warn!(reason = %fallback.reason, "generator not on the GPU");
+                (
+                    build(path, max_seqs, prefix, false).await.map_err(fail)?,
+                    fallback.reason,
+                )
             }
-            b.build().await
-        } else {
-            let mut b = TextModelBuilder::new(path.display().to_string())
-                .with_token_source(TokenSource::None)
-                .with_max_num_seqs(max_seqs)
-                .with_prefix_cache_n(prefix);
-            if !gpu {
-                b = b.with_force_cpu();
-            }
-            b.build().await
-        }
-        .map_err(|e| fail(format!("{e:#}")))?;
+            Err(e) => return Err(fail(e)),
+        };
         let device = match model.config() {
             Ok(c) if c.device.is_cuda() => "cuda:0".to_string(),
             Ok(_) => "cpu".to_string(),
-            Err(_) => if gpu { "cuda:0" } else { "cpu" }.to_string(),
+            Err(_) => "unknown".to_string(),
         };
         tracing::info!(
             model = %path.display(),
             device = %device,
-            reason = why,
+            reason = %why,
             seconds = started.elapsed().as_secs_f32(),
             "generator loaded"
         );
@@ -133,6 +119,44 @@ impl MistralGenerator {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Builds the mistral.rs model from a `.gguf` file or a model directory;
+/// the error is mistral.rs' own, in words.
+async fn build(
+    path: &Path,
+    max_seqs: usize,
+    prefix: Option<usize>,
+    gpu: bool,
+) -> Result<Model, String> {
+    let built = if path.is_file() {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let file = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .ok_or_else(|| "the file name is not UTF-8".to_string())?;
+        let mut b = GgufModelBuilder::new(dir.display().to_string(), vec![file.to_string()])
+            .with_token_source(TokenSource::None)
+            .with_max_num_seqs(max_seqs)
+            .with_prefix_cache_n(prefix);
+        if !gpu {
+            b = b.with_force_cpu();
+        }
+        b.build().await
+    } else {
+        let mut b = TextModelBuilder::new(path.display().to_string())
+            .with_token_source(TokenSource::None)
+            .with_max_num_seqs(max_seqs)
+            .with_prefix_cache_n(prefix);
+        if !gpu {
+            b = b.with_force_cpu();
+        }
+        b.build().await
+    };
+    built.map_err(|e| format!("{e:#}"))
 }
 
 fn request_builder(req: &Request) -> RequestBuilder {

@@ -24,7 +24,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 
-use crate::classify::{BertClassifier, Classifier};
+use crate::classify::{BertClassifier, BertSettings, Classifier};
 use crate::config::ServeArgs;
 use crate::generate::mistral::{self, MistralGenerator};
 use crate::generate::prompt::{PromptSettings, Prompts};
@@ -51,6 +51,8 @@ use pb::marketing_service_server::MarketingServiceServer;
 /// The loaded models the services run on.
 pub struct Models {
     pub classifier: Arc<dyn Classifier>,
+    /// Where the classifiers run: `cuda:0` or `cpu`.
+    pub classifier_device: String,
     /// None when kefu runs without a generator (`--no-generator`).
     pub generator: Option<Arc<dyn Generator>>,
 }
@@ -60,7 +62,10 @@ impl Models {
     /// the generator on the runtime (mistral.rs starts its own engine).
     pub async fn load(args: &ServeArgs) -> Result<Models, Error> {
         let (sentiment, intent) = (args.sentiment_model.clone(), args.intent_model.clone());
-        let settings = args.classifier.settings();
+        let settings = BertSettings {
+            device: args.devices.classifier(),
+            ..args.classifier.settings()
+        };
         let classifier = tokio::task::spawn_blocking(move || {
             BertClassifier::load(&sentiment, &intent, &settings)
         });
@@ -70,7 +75,7 @@ impl Models {
             None
         } else {
             let options = mistral::Options {
-                force_cpu: g.generator_cpu,
+                device: args.devices.generator(g.generator_cpu),
                 max_concurrent: g.generator_max_concurrent.max(1),
                 prefix_cache: g.prefix_cache,
             };
@@ -83,6 +88,7 @@ impl Models {
             .await
             .map_err(|e| Error::Unavailable(format!("model loading panicked: {e}")))??;
         Ok(Models {
+            classifier_device: classifier.device().to_string(),
             classifier: Arc::new(classifier),
             generator,
         })
@@ -418,6 +424,7 @@ pub async fn serve_on(
         let started = std::time::Instant::now();
         match loader.await {
             Ok(models) => {
+                let classifier_device = models.classifier_device.clone();
                 let device = models
                     .generator
                     .as_ref()
@@ -433,7 +440,11 @@ pub async fn serve_on(
                     clock: state.clock.clone(),
                     permits: Arc::new(tokio::sync::Semaphore::new(max_inflight)),
                 });
-                tracing::info!(classifier = "cpu", generator = %device, "model devices");
+                tracing::info!(
+                    classifier = %classifier_device,
+                    generator = %device,
+                    "model devices"
+                );
                 health.set_service_status("", ServingStatus::Serving).await;
                 for name in service_names() {
                     health

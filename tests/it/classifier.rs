@@ -108,6 +108,7 @@ async fn concurrent_requests_through_the_worker_get_the_reference_answers() {
     let reference = Checkpoint::load(&dir, exp.max_len, &Device::Cpu).unwrap();
     let worker = ModelWorker::spawn(
         ckpt,
+        Device::Cpu,
         map.clone(),
         BatchLimits {
             max_batch: 4,
@@ -153,6 +154,7 @@ async fn a_full_queue_is_refused_not_waited_on() {
     let map = LabelMap::new(Task::Sentiment, &ckpt.labels, &dir).unwrap();
     let worker = ModelWorker::spawn(
         ckpt,
+        Device::Cpu,
         map,
         BatchLimits {
             max_batch: 1,

@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use kefu::device::{Policy, Want};
 use kefu::generate::mistral::{MistralGenerator, Options};
 use kefu::generate::{collect, Error, Event, Generator, Message, Request, Role, Sampling};
 
@@ -46,7 +47,10 @@ async fn smollm2_generates_streams_stops_and_cancels() {
     let generator = MistralGenerator::load(
         &path,
         &Options {
-            force_cpu: true,
+            device: Policy {
+                want: Want::Cpu,
+                ..Policy::default()
+            },
             max_concurrent: 1,
             prefix_cache: 0,
         },

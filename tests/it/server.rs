@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kefu::config::ServeArgs;
+use kefu::device::{OnGpuFailure, Want};
 use kefu::service::pb::chat_service_client::ChatServiceClient;
 use kefu::service::pb::ClassifyRequest;
 use tokio::sync::oneshot;
@@ -180,6 +181,43 @@ async fn a_model_that_fails_to_load_stops_the_server_with_the_reason() {
         .unwrap();
     let err = result.unwrap_err().to_string();
     assert!(err.contains("no-such-model"), "{err}");
+}
+
+#[tokio::test]
+async fn a_gpu_that_cannot_be_had_is_refused_or_replaced_as_configured() {
+    if kefu::device::BUILT_WITH_CUDA {
+        // A CUDA build may well find its GPU; this is about the CPU build.
+        return;
+    }
+    // --device cuda --gpu-fallback refuse: the server stops and says why.
+    let (open, gate) = oneshot::channel();
+    open.send(()).unwrap();
+    let mut a = tiny_args();
+    a.devices.device = Want::Cuda;
+    a.devices.gpu_fallback = OnGpuFailure::Refuse;
+    let server = start(a, gate).await;
+    let result = tokio::time::timeout(Duration::from_secs(30), server.handle)
+        .await
+        .expect("server gives up")
+        .unwrap();
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("built without the cuda feature"), "{err}");
+    assert!(err.contains("--gpu-fallback refuse"), "{err}");
+
+    // --gpu-fallback cpu: the same request serves, on the CPU.
+    let mut a = tiny_args();
+    a.devices.device = Want::Cuda;
+    a.devices.gpu_fallback = OnGpuFailure::Cpu;
+    let server = serving(a).await;
+    let mut chat = ChatServiceClient::new(server.channel.clone());
+    let reply = chat
+        .classify(ClassifyRequest {
+            texts: vec!["我的快递到哪了".into()],
+        })
+        .await
+        .expect("classifies on the CPU");
+    assert_eq!(reply.into_inner().results.len(), 1);
+    server.stop().await.unwrap();
 }
 
 #[tokio::test]
