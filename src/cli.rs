@@ -55,6 +55,10 @@ pub enum Command {
     /// Talk to a running kefu as a customer: replies stream in, and the
     /// routing decision is shown under each.
     Chat(crate::service::client::ChatArgs),
+    /// Ask a running kefu whether it serves (gRPC health): exits 0 once it
+    /// is SERVING, 1 if it is not by the end of --wait. For scripts and
+    /// container probes.
+    Health(crate::service::client::HealthArgs),
     /// Write the label corrections agents made when resolving escalations as
     /// training JSONL for `kefu train` (run it while the server is stopped:
     /// the store admits one process at a time).
@@ -236,6 +240,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Generate(args)) => crate::bench::generate(&args).await,
         Command::Bench(BenchCommand::Chat(args)) => crate::service::client::bench(args).await,
         Command::Chat(args) => crate::service::client::chat(args).await,
+        Command::Health(args) => crate::service::client::health(args).await,
         Command::ExportCorrections(args) => {
             tokio::task::spawn_blocking(move || export_corrections_cmd(args)).await?
         }

@@ -63,6 +63,58 @@ async fn connect(addr: &str, ca_cert: Option<&std::path::Path>) -> anyhow::Resul
         .with_context(|| format!("cannot reach kefu at {addr}; is `make run` running?"))
 }
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct HealthArgs {
+    /// The server's URL (https:// with --ca-cert for TLS).
+    #[arg(long, env = "KEFU_URL", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Keep asking for up to this many seconds (models take a while to
+    /// load); 0 asks once.
+    #[arg(long, default_value_t = 0.0)]
+    pub wait: f64,
+    /// A service name to ask about instead of the whole server, such as
+    /// kefu.v1.ChatService.
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// CA certificate (PEM) to trust for an https:// URL.
+    #[arg(long, env = "KEFU_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
+/// Polls the gRPC health service until SERVING or the end of `--wait`.
+pub async fn health(args: HealthArgs) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    let until = std::time::Instant::now() + std::time::Duration::from_secs_f64(args.wait.max(0.0));
+    let mut last = String::from("unreachable");
+    loop {
+        if let Ok(channel) = connect(&args.addr, args.ca_cert.as_deref()).await {
+            let asked = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: args.service.clone(),
+                })
+                .await;
+            match asked {
+                Ok(r) => {
+                    let status = ServingStatus::try_from(r.into_inner().status)
+                        .unwrap_or(ServingStatus::Unknown);
+                    if status == ServingStatus::Serving {
+                        println!("SERVING");
+                        return Ok(());
+                    }
+                    last = status.as_str_name().to_string();
+                }
+                Err(e) => last = format!("{}: {}", e.code(), e.message()),
+            }
+        }
+        if std::time::Instant::now() >= until {
+            anyhow::bail!("kefu at {} is not serving ({last})", args.addr);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 fn route_name(route: i32) -> &'static str {
     match pb::Route::try_from(route).unwrap_or(pb::Route::Unspecified) {
         pb::Route::Answer => "answer",

@@ -19,6 +19,8 @@ use crate::common::{fixture, repo};
 
 pub struct Running {
     pub channel: Channel,
+    /// Where it listens (127.0.0.1 and a free port).
+    pub addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     pub handle: tokio::task::JoinHandle<Result<(), ServeError>>,
     /// The store's directory; kept until every server using it is gone.
@@ -126,6 +128,7 @@ pub async fn start_in(
         .expect("server accepts connections before models load");
     Running {
         channel,
+        addr,
         stop: Some(stop),
         handle,
         data,

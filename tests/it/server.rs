@@ -41,6 +41,8 @@ async fn health_is_not_serving_until_models_load_then_serving() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
+    let (ok, said) = kefu_health(server.addr, 0).await;
+    assert!(!ok && said.contains("NOT_SERVING"), "{said}");
 
     let mut watch = HealthClient::new(server.channel.clone())
         .watch(HealthCheckRequest {
@@ -62,7 +64,31 @@ async fn health_is_not_serving_until_models_load_then_serving() {
     .expect("SERVING within 60 s");
     assert!(serving);
     assert_eq!(status(&server.channel, "").await, ServingStatus::Serving);
+    let (ok, said) = kefu_health(server.addr, 10).await;
+    assert!(ok && said.contains("SERVING"), "{said}");
+    let addr = server.addr;
     server.stop().await.expect("clean shutdown");
+    let (ok, said) = kefu_health(addr, 0).await;
+    assert!(!ok && said.contains("unreachable"), "{said}");
+}
+
+/// `kefu health` against `addr`: whether it exited 0, and what it printed.
+async fn kefu_health(addr: std::net::SocketAddr, wait: u64) -> (bool, String) {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kefu"))
+            .args(["health", "--addr", &format!("http://{addr}")])
+            .args(["--wait", &wait.to_string()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
 }
 
 #[tokio::test]
