@@ -7,7 +7,8 @@ PYTHON ?= python3
 KEFU    = $(CARGO) run --quiet --bin kefu --
 
 .PHONY: run test build models models-test data splits fixtures \
-        train-sentiment train-intent eval lint clean-models help cuda-toolkit build-cuda
+        train-sentiment train-intent eval lint clean-models help cuda-toolkit build-cuda \
+        check-cuda gpu-bundle
 
 help:
 	@echo "make run     fetch what is missing, build, serve on 127.0.0.1:50051"
@@ -17,6 +18,9 @@ help:
 	@echo "make train-sentiment / train-intent   retrain the default classifiers"
 	@echo "make eval    accuracy and macro-F1 of the default classifiers on the test files"
 	@echo "make lint    rustfmt and clippy, as CI runs them"
+	@echo "make build-cuda   kefu with --features cuda, against make cuda-toolkit (no GPU needed)"
+	@echo "make check-cuda   cargo check --features cuda (what CI runs to guard the GPU build)"
+	@echo "make gpu-bundle   the CUDA binary, run-gpu.sh, gpu-check.sh and models in dist/kefu-gpu"
 
 run: models
 	$(KEFU) serve
@@ -74,11 +78,26 @@ cuda-toolkit:
 # toolkit's nvcc wrapper. x86-64-v3 instead of `native`: the binary runs on
 # the GPU machine, not here. No debuginfo, so the binary stays small.
 CUDA_TK = $(CURDIR)/cuda/13.0
-build-cuda: cuda-toolkit
-	PATH="$(CUDA_TK)/bin:$$PATH" CUDA_HOME="$(CUDA_TK)" CUDA_COMPUTE_CAP=80 \
+CUDA_ENV = PATH="$(CUDA_TK)/bin:$$PATH" CUDA_HOME="$(CUDA_TK)" CUDA_COMPUTE_CAP=80 \
 	  CUDARC_CUDA_VERSION=13000 RUSTFLAGS="-C target-cpu=x86-64-v3" CARGO_PROFILE_DEV_DEBUG=0 \
-	  CARGO_TARGET_DIR="$${KEFU_CUDA_TARGET_DIR:-/var/tmp/kefu-target-cuda}" \
-	  $(CARGO) build --bin kefu --features cuda
+	  CARGO_TARGET_DIR="$${KEFU_CUDA_TARGET_DIR:-/var/tmp/kefu-target-cuda}"
+build-cuda: cuda-toolkit
+	$(CUDA_ENV) $(CARGO) build --bin kefu --features cuda
+
+# CI's guard of the GPU build: type-checks kefu (every target) and every
+# crate's Rust code with --features cuda. scripts/ci/nvcc stands in for the
+# compiler, so the third-party CUDA kernels are not compiled (that is
+# build-cuda's hour); no toolkit is needed. Own target dir: its empty kernel
+# objects must never meet a real build.
+check-cuda:
+	PATH="$(CURDIR)/scripts/ci:$$PATH" NVCC="$(CURDIR)/scripts/ci/nvcc" CUDA_COMPUTE_CAP=80 \
+	  CUDARC_CUDA_VERSION=13000 \
+	  CARGO_TARGET_DIR="$${KEFU_CUDA_CHECK_TARGET_DIR:-/var/tmp/kefu-target-cuda-check}" \
+	  $(CARGO) check --all-targets --features cuda
+
+# GPU_BUNDLE_GENERATOR=qwen (default) | shape | none; see scripts/gpu/bundle.sh.
+gpu-bundle: build-cuda
+	PYTHON=$(PYTHON) scripts/gpu/bundle.sh
 
 lint:
 	$(CARGO) fmt --check
