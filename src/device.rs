@@ -65,6 +65,12 @@ impl<T> Placement<T> {
     }
 }
 
+/// The first line of an error: candle's CUDA errors carry a backtrace
+/// after it when RUST_BACKTRACE is set, which does not belong in a reason.
+pub fn first_line(error: &str) -> String {
+    error.lines().next().unwrap_or_default().trim().to_string()
+}
+
 /// Whether this binary was built with `--features cuda`.
 pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
 

@@ -254,7 +254,7 @@ pub struct BertSettings {
 /// (`--gpu-fallback refuse`) is an `Error::Invalid` worded for operators.
 pub fn place(policy: Policy) -> Result<(Device, String), Error> {
     let placement = device::decide(policy, device::BUILT_WITH_CUDA, || {
-        Device::new_cuda(0).map_err(|e| e.to_string())
+        Device::new_cuda(0).map_err(|e| device::first_line(&e.to_string()))
     })
     .map_err(Error::Invalid)?;
     Ok((placement.gpu.unwrap_or(Device::Cpu), placement.reason))

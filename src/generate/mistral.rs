@@ -59,7 +59,7 @@ pub fn choose_device(policy: Policy) -> Result<Placement<()>, String> {
         || match mistralrs::best_device(false) {
             Ok(d) if d.is_cuda() => Ok(()),
             Ok(_) => Err("mistral.rs found no CUDA device".into()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(device::first_line(&e.to_string())),
         },
     )
 }
@@ -122,41 +122,60 @@ impl MistralGenerator {
 }
 
 /// Builds the mistral.rs model from a `.gguf` file or a model directory;
-/// the error is mistral.rs' own, in words.
+/// the error is mistral.rs' own, in words. Loading runs on its own task so
+/// that a panic inside mistral.rs (its CUDA build, for one, panics when
+/// `nvidia-smi` is missing) becomes an error kefu can report or fall back
+/// from, not a crash.
 async fn build(
     path: &Path,
     max_seqs: usize,
     prefix: Option<usize>,
     gpu: bool,
 ) -> Result<Model, String> {
-    let built = if path.is_file() {
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let file = path
-            .file_name()
-            .and_then(|f| f.to_str())
-            .ok_or_else(|| "the file name is not UTF-8".to_string())?;
-        let mut b = GgufModelBuilder::new(dir.display().to_string(), vec![file.to_string()])
-            .with_token_source(TokenSource::None)
-            .with_max_num_seqs(max_seqs)
-            .with_prefix_cache_n(prefix);
-        if !gpu {
-            b = b.with_force_cpu();
+    let path = path.to_path_buf();
+    let task = tokio::spawn(async move {
+        let built = if path.is_file() {
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let file = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .ok_or_else(|| "the file name is not UTF-8".to_string())?;
+            let mut b = GgufModelBuilder::new(dir.display().to_string(), vec![file.to_string()])
+                .with_token_source(TokenSource::None)
+                .with_max_num_seqs(max_seqs)
+                .with_prefix_cache_n(prefix);
+            if !gpu {
+                b = b.with_force_cpu();
+            }
+            b.build().await
+        } else {
+            let mut b = TextModelBuilder::new(path.display().to_string())
+                .with_token_source(TokenSource::None)
+                .with_max_num_seqs(max_seqs)
+                .with_prefix_cache_n(prefix);
+            if !gpu {
+                b = b.with_force_cpu();
+            }
+            b.build().await
+        };
+        built.map_err(|e| format!("{e:#}"))
+    });
+    match task.await {
+        Ok(built) => built,
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(format!("mistral.rs panicked while loading: {message}"))
         }
-        b.build().await
-    } else {
-        let mut b = TextModelBuilder::new(path.display().to_string())
-            .with_token_source(TokenSource::None)
-            .with_max_num_seqs(max_seqs)
-            .with_prefix_cache_n(prefix);
-        if !gpu {
-            b = b.with_force_cpu();
-        }
-        b.build().await
-    };
-    built.map_err(|e| format!("{e:#}"))
+        Err(e) => Err(format!("loading was cancelled: {e}")),
+    }
 }
 
 fn request_builder(req: &Request) -> RequestBuilder {
