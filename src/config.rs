@@ -147,9 +147,10 @@ pub struct GeneratorArgs {
     #[arg(long, env = "KEFU_GENERATOR_CPU")]
     pub generator_cpu: bool,
 
-    /// Replies generated at once (mistral.rs batches them). More raises
-    /// throughput and each reply's latency.
-    #[arg(long, env = "KEFU_GENERATOR_MAX_CONCURRENT", default_value_t = 4)]
+    /// Replies generated at once (mistral.rs batches them); the rest wait
+    /// for a slot until their reply deadline. 0 chooses by device: 1 on the
+    /// CPU (batched decode is slower in total there), 32 on a GPU.
+    #[arg(long, env = "KEFU_GENERATOR_MAX_CONCURRENT", default_value_t = 0)]
     pub generator_max_concurrent: usize,
 
     /// Conversations whose KV cache mistral.rs keeps for reuse (0: off).
@@ -193,7 +194,7 @@ impl GeneratorArgs {
             generator_model: model,
             no_generator: false,
             generator_cpu: false,
-            generator_max_concurrent: 4,
+            generator_max_concurrent: 0,
             prefix_cache: 16,
             temperature: 0.3,
             top_p: 0.9,

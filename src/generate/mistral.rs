@@ -26,7 +26,7 @@ pub struct Options {
     /// Where to run, and what to do when the GPU cannot be used.
     pub device: Policy,
     /// Replies generated at once (batched by mistral.rs); past it callers
-    /// get `Overloaded`.
+    /// get `Overloaded`. 0 chooses by device: see [`concurrency`].
     pub max_concurrent: usize,
     /// Conversations whose KV cache mistral.rs keeps for reuse; 0 disables
     /// prefix caching.
@@ -37,7 +37,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             device: Policy::default(),
-            max_concurrent: 8,
+            max_concurrent: 0,
             prefix_cache: 16,
         }
     }
@@ -49,6 +49,18 @@ pub struct MistralGenerator {
     max_concurrent: usize,
     device: String,
     path: PathBuf,
+}
+
+/// Replies generated at once when the operator left it to kefu (0): one on
+/// the CPU, where mistral.rs' batched decode is slower in total than one
+/// reply at a time (2 cores: 4.5 vs 13.4 tokens/s for Qwen2.5-0.5B with 4 at
+/// once, BENCHMARKS.md), and 32 on a GPU, mistral.rs' own default.
+pub fn concurrency(requested: usize, gpu: bool) -> usize {
+    match (requested, gpu) {
+        (0, true) => 32,
+        (0, false) => 1,
+        (n, _) => n,
+    }
 }
 
 /// Where the model will run, and why; `Err` is the refusal.
@@ -79,15 +91,17 @@ impl MistralGenerator {
             ));
         }
         let placement = choose_device(options.device).map_err(fail)?;
-        let max_seqs = options.max_concurrent.max(1);
+        let gpu = placement.gpu.is_some();
         let prefix = (options.prefix_cache > 0).then_some(options.prefix_cache);
         let started = std::time::Instant::now();
-        let (model, why) = match build(path, max_seqs, prefix, placement.gpu.is_some()).await {
+        let mut max_seqs = concurrency(options.max_concurrent, gpu);
+        let (model, why) = match build(path, max_seqs, prefix, gpu).await {
             Ok(model) => (model, placement.reason),
-            Err(e) if placement.gpu.is_some() => {
+            Err(e) if gpu => {
                 let fallback: Placement<()> =
                     device::after_gpu_failure(options.device, &e).map_err(fail)?;
                 tracing::warn!(reason = %fallback.reason, "generator not on the GPU");
+                max_seqs = concurrency(options.max_concurrent, false);
                 (
                     build(path, max_seqs, prefix, false).await.map_err(fail)?,
                     fallback.reason,
@@ -104,6 +118,7 @@ impl MistralGenerator {
             model = %path.display(),
             device = %device,
             reason = %why,
+            max_concurrent = max_seqs,
             seconds = started.elapsed().as_secs_f32(),
             "generator loaded"
         );
@@ -302,5 +317,18 @@ impl Generator for MistralGenerator {
 
     fn device(&self) -> String {
         self.device.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::concurrency;
+
+    #[test]
+    fn concurrency_left_to_kefu_is_one_on_the_cpu_and_32_on_a_gpu() {
+        assert_eq!(concurrency(0, false), 1);
+        assert_eq!(concurrency(0, true), 32);
+        assert_eq!(concurrency(4, false), 4);
+        assert_eq!(concurrency(4, true), 4);
     }
 }

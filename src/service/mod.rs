@@ -76,7 +76,7 @@ impl Models {
         } else {
             let options = mistral::Options {
                 device: args.devices.generator(g.generator_cpu),
-                max_concurrent: g.generator_max_concurrent.max(1),
+                max_concurrent: g.generator_max_concurrent,
                 prefix_cache: g.prefix_cache,
             };
             let generator = MistralGenerator::load(&g.generator_model, &options)
