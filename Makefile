@@ -88,11 +88,14 @@ build-cuda: cuda-toolkit
 # crate's Rust code with --features cuda. scripts/ci/nvcc stands in for the
 # compiler, so the third-party CUDA kernels are not compiled (that is
 # build-cuda's hour); no toolkit is needed. Own target dir: its empty kernel
-# objects must never meet a real build.
+# objects must never meet a real build. The stand-in is copied to a fixed
+# path there, so a clone elsewhere does not rerun the kernel build scripts.
 check-cuda:
-	PATH="$(CURDIR)/scripts/ci:$$PATH" NVCC="$(CURDIR)/scripts/ci/nvcc" CUDA_COMPUTE_CAP=80 \
-	  CUDARC_CUDA_VERSION=13000 \
-	  CARGO_TARGET_DIR="$${KEFU_CUDA_CHECK_TARGET_DIR:-/var/tmp/kefu-target-cuda-check}" \
+	d="$${KEFU_CUDA_CHECK_TARGET_DIR:-/var/tmp/kefu-target-cuda-check}"; \
+	mkdir -p "$$d/nvcc-stub" && \
+	{ cmp -s scripts/ci/nvcc "$$d/nvcc-stub/nvcc" || cp scripts/ci/nvcc "$$d/nvcc-stub/nvcc"; } && \
+	PATH="$$d/nvcc-stub:$$PATH" NVCC="$$d/nvcc-stub/nvcc" CUDA_COMPUTE_CAP=80 \
+	  CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR="$$d" \
 	  $(CARGO) check --all-targets --features cuda
 
 # GPU_BUNDLE_GENERATOR=qwen (default) | shape | none; see scripts/gpu/bundle.sh.
