@@ -196,17 +196,23 @@ async fn unknown_conversations_are_not_found() {
 
 #[tokio::test]
 async fn a_model_that_fails_to_load_stops_the_server_with_the_reason() {
-    let (open, gate) = oneshot::channel();
-    open.send(()).unwrap();
     let mut a = tiny_args();
     a.intent_model = fixture("no-such-model");
-    let server = start(a, gate).await;
+    let err = load_failure(a).await;
+    assert!(err.contains("no-such-model"), "{err}");
+}
+
+/// Starts a server whose models must fail to load and returns the error it
+/// stops with.
+async fn load_failure(args: ServeArgs) -> String {
+    let (open, gate) = oneshot::channel();
+    open.send(()).unwrap();
+    let server = start(args, gate).await;
     let result = tokio::time::timeout(Duration::from_secs(30), server.handle)
         .await
         .expect("server gives up")
         .unwrap();
-    let err = result.unwrap_err().to_string();
-    assert!(err.contains("no-such-model"), "{err}");
+    result.unwrap_err().to_string()
 }
 
 #[tokio::test]
@@ -216,17 +222,10 @@ async fn a_gpu_that_cannot_be_had_is_refused_or_replaced_as_configured() {
         return;
     }
     // --device cuda --gpu-fallback refuse: the server stops and says why.
-    let (open, gate) = oneshot::channel();
-    open.send(()).unwrap();
     let mut a = tiny_args();
     a.devices.device = Want::Cuda;
     a.devices.gpu_fallback = OnGpuFailure::Refuse;
-    let server = start(a, gate).await;
-    let result = tokio::time::timeout(Duration::from_secs(30), server.handle)
-        .await
-        .expect("server gives up")
-        .unwrap();
-    let err = result.unwrap_err().to_string();
+    let err = load_failure(a).await;
     assert!(err.contains("built without the cuda feature"), "{err}");
     assert!(err.contains("--gpu-fallback refuse"), "{err}");
 
