@@ -294,7 +294,6 @@ pub fn load_placed(
 pub struct BertClassifier {
     sentiment: ModelWorker,
     intent: ModelWorker,
-    device: &'static str,
 }
 
 impl BertClassifier {
@@ -302,19 +301,17 @@ impl BertClassifier {
     /// from a blocking context.
     pub fn load(sentiment: &Path, intent: &Path, settings: &BertSettings) -> Result<Self, Error> {
         let (device, reason) = place(settings.device)?;
-        let mut placed = "cpu";
-        let mut load = |task: Task, dir: &Path| -> Result<ModelWorker, Error> {
+        let load = |task: Task, dir: &Path| -> Result<ModelWorker, Error> {
             let (ckpt, device, reason) =
                 load_placed(dir, settings.max_len, &device, &reason, settings.device)?;
             let map = LabelMap::new(task, &ckpt.labels, dir)?;
-            placed = device_label(&device);
             tracing::info!(
                 task = ?task,
                 model = %dir.display(),
                 labels = ckpt.labels.len(),
                 layers = ckpt.config.num_hidden_layers,
                 hidden = ckpt.config.hidden_size,
-                device = placed,
+                device = device_label(&device),
                 reason = %reason,
                 "classifier loaded"
             );
@@ -325,18 +322,21 @@ impl BertClassifier {
                 settings.limits.clone(),
             ))
         };
-        let sentiment = load(Task::Sentiment, sentiment)?;
-        let intent = load(Task::Intent, intent)?;
         Ok(Self {
-            sentiment,
-            intent,
-            device: placed,
+            sentiment: load(Task::Sentiment, sentiment)?,
+            intent: load(Task::Intent, intent)?,
         })
     }
 
-    /// Where the classifiers run: `cuda:0` or `cpu`.
-    pub fn device(&self) -> &'static str {
-        self.device
+    /// Where the classifiers run: `cuda:0` or `cpu`, or each one's device
+    /// when a GPU load fell back for one of them only.
+    pub fn device(&self) -> String {
+        let (s, i) = (self.sentiment.device(), self.intent.device());
+        if s == i {
+            s.to_string()
+        } else {
+            format!("sentiment {s}, intent {i}")
+        }
     }
 }
 

@@ -46,6 +46,7 @@ pub struct ModelWorker {
     tokenizer: Arc<Tokenizer>,
     labels: LabelMap,
     queue: usize,
+    device: &'static str,
 }
 
 impl ModelWorker {
@@ -61,6 +62,7 @@ impl ModelWorker {
         let tokenizer = Arc::new(checkpoint.tokenizer.clone());
         let pad_id = pad_id(&checkpoint.tokenizer);
         let queue = limits.queue;
+        let label = super::device_label(&device);
         let name = format!(
             "kefu-classify-{}",
             checkpoint
@@ -78,7 +80,13 @@ impl ModelWorker {
             tokenizer,
             labels,
             queue,
+            device: label,
         }
+    }
+
+    /// Where the model runs: `cuda:0` or `cpu`.
+    pub fn device(&self) -> &'static str {
+        self.device
     }
 
     /// Probabilities for each text, in order; tokenization happens on the

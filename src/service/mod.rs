@@ -88,7 +88,7 @@ impl Models {
             .await
             .map_err(|e| Error::Unavailable(format!("model loading panicked: {e}")))??;
         Ok(Models {
-            classifier_device: classifier.device().to_string(),
+            classifier_device: classifier.device(),
             classifier: Arc::new(classifier),
             generator,
         })
