@@ -72,6 +72,7 @@ impl Checkpoint {
         let tensors = read_weights(&weights, device)?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let model = BertForSequenceClassification::load(vb, &config, labels.len())
+            .and_then(|mut m| m.prepare_inference().map(|()| m))
             .map_err(|e| Error::load(&weights, e))?;
         let max_len = max_len.min(config.max_position_embeddings);
         let tokenizer = tokenizer::load(dir, max_len)?;

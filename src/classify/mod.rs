@@ -7,6 +7,7 @@
 
 pub mod bert;
 pub mod checkpoint;
+pub mod cpu_ops;
 pub mod data;
 pub mod metrics;
 pub mod rng;

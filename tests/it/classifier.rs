@@ -99,6 +99,36 @@ fn a_batch_gives_the_same_probabilities_as_one_by_one() {
     }
 }
 
+#[test]
+fn fused_cpu_kernels_give_the_logits_of_candles_ops() {
+    let exp = expected();
+    let ckpt = Checkpoint::load(&fixture("tiny-bert"), exp.max_len, &Device::Cpu).unwrap();
+    let pad = pad_id(&ckpt.tokenizer);
+    // 48 rows of mixed lengths: padding in most rows, and more tokens than
+    // one pass of the fused path takes, so the batch is cut into slices.
+    let ids: Vec<Vec<u32>> = (0..48)
+        .map(|i| {
+            let text = exp.inputs[i % exp.inputs.len()].repeat(1 + i % 5);
+            tokenizer::encode(&ckpt.tokenizer, &text).unwrap()
+        })
+        .collect();
+    let (ids, masks) =
+        kefu::classify::worker::pad(&ids.iter().map(Vec::as_slice).collect::<Vec<_>>(), pad);
+    assert!(
+        ids.len() * ids[0].len() > 1024,
+        "the batch spans several passes"
+    );
+    let (ids, masks) = kefu::classify::bert::batch_tensors(&ids, &masks, &Device::Cpu).unwrap();
+    let fused = ckpt.model.forward(&ids, &masks, false).unwrap();
+    let graph = ckpt.model.forward_graph(&ids, &masks, false).unwrap();
+    assert_close(
+        &fused.to_vec2::<f32>().unwrap(),
+        &graph.to_vec2::<f32>().unwrap(),
+        1e-5,
+        "fused vs candle ops",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_through_the_worker_get_the_reference_answers() {
     let exp = expected();
