@@ -46,6 +46,9 @@ pub enum Command {
     /// Train a sentiment or intent classifier and write a Hugging Face
     /// checkpoint.
     Train(TrainArgs),
+    /// Masked-language-model pretraining of a fresh BERT on unlabelled text;
+    /// writes a BertForMaskedLM checkpoint for `kefu train --init`.
+    Pretrain(PretrainArgs),
     /// Accuracy, macro-F1, per-label precision/recall and the confusion
     /// matrix of a checkpoint on labelled JSONL.
     Eval(EvalArgs),
@@ -120,13 +123,23 @@ pub struct TrainArgs {
     /// Where to write the checkpoint; replaced atomically by each better epoch.
     #[arg(long)]
     pub out: PathBuf,
-    /// Fine-tune this checkpoint directory (e.g. bert-base-chinese).
+    /// Fine-tune this checkpoint directory (e.g. bert-base-chinese, or one
+    /// written by `kefu pretrain`).
     #[arg(long, conflicts_with = "config")]
     pub init: Option<PathBuf>,
     /// Train a fresh small BERT from scratch with the --hidden-size,
     /// --layers, --heads, --intermediate-size and --vocab below.
     #[arg(long)]
     pub config: bool,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The shape of a fresh BERT.
+#[derive(Debug, Args)]
+pub struct ShapeArgs {
     /// WordPiece vocab.txt for a fresh model (e.g. bert-base-chinese's);
     /// without it a vocabulary is built from the training text.
     #[arg(long)]
@@ -142,6 +155,24 @@ pub struct TrainArgs {
     /// Tokens seen fewer times are left out of a built vocabulary.
     #[arg(long, default_value_t = 3)]
     pub min_token_count: usize,
+}
+
+impl ShapeArgs {
+    fn fresh(&self) -> FreshModel {
+        FreshModel {
+            vocab: self.vocab.clone(),
+            hidden_size: self.hidden_size,
+            layers: self.layers,
+            heads: self.heads,
+            intermediate_size: self.intermediate_size,
+            min_token_count: self.min_token_count,
+        }
+    }
+}
+
+/// How a training run goes.
+#[derive(Debug, Args)]
+pub struct RunArgs {
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     #[arg(long, default_value_t = 32)]
@@ -168,6 +199,28 @@ pub struct TrainArgs {
     /// Print the training report as JSON on stdout at the end.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PretrainArgs {
+    /// Unlabelled texts: JSONL files (their `text` fields) or plain text, one
+    /// text per line (repeatable).
+    #[arg(long, required = true)]
+    pub data: Vec<PathBuf>,
+    /// Held-out texts for picking the best epoch by masked-token accuracy
+    /// (repeatable).
+    #[arg(long, required = true)]
+    pub dev: Vec<PathBuf>,
+    /// Where to write the BertForMaskedLM checkpoint.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Fraction of the tokens the model must restore.
+    #[arg(long, default_value_t = 0.15)]
+    pub mask_prob: f64,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Debug, Args)]
@@ -235,6 +288,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Classify(args) => tokio::task::spawn_blocking(move || classify_cmd(args)).await?,
         Command::Train(args) => tokio::task::spawn_blocking(move || train_cmd(args)).await?,
+        Command::Pretrain(args) => tokio::task::spawn_blocking(move || pretrain_cmd(args)).await?,
         Command::Eval(args) => tokio::task::spawn_blocking(move || eval_cmd(args)).await?,
         Command::Generate(args) => generate_cmd(args).await,
         Command::Bench(BenchCommand::Generate(args)) => crate::bench::generate(&args).await,
@@ -315,33 +369,27 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
 fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
     let init = match (&args.init, args.config) {
         (Some(dir), _) => Init::Pretrained(dir.clone()),
-        (None, true) => Init::Fresh(FreshModel {
-            vocab: args.vocab.clone(),
-            hidden_size: args.hidden_size,
-            layers: args.layers,
-            heads: args.heads,
-            intermediate_size: args.intermediate_size,
-            min_token_count: args.min_token_count,
-        }),
+        (None, true) => Init::Fresh(args.shape.fresh()),
         (None, false) => anyhow::bail!(
             "say where the model starts: --init DIR to fine-tune a checkpoint, or --config for a fresh BERT"
         ),
     };
+    let run = &args.run;
     let opts = TrainOptions {
         task: args.task,
         data: args.data,
         dev: args.dev,
         out: args.out.clone(),
         init,
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        learning_rate: args.learning_rate,
-        warmup_ratio: args.warmup_ratio,
-        weight_decay: args.weight_decay,
-        seed: args.seed,
-        max_len: args.max_seq_len,
-        max_steps: args.max_steps,
-        half: args.half,
+        epochs: run.epochs,
+        batch_size: run.batch_size,
+        learning_rate: run.learning_rate,
+        warmup_ratio: run.warmup_ratio,
+        weight_decay: run.weight_decay,
+        seed: run.seed,
+        max_len: run.max_seq_len,
+        max_steps: run.max_steps,
+        half: run.half,
         progress: true,
     };
     let report = train::train(&opts)?.report;
@@ -352,7 +400,42 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
         report.steps,
         args.out.display()
     );
-    if args.json {
+    if run.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+fn pretrain_cmd(args: PretrainArgs) -> anyhow::Result<()> {
+    let run = &args.run;
+    let opts = crate::classify::pretrain::PretrainOptions {
+        data: args.data.clone(),
+        dev: args.dev.clone(),
+        out: args.out.clone(),
+        shape: args.shape.fresh(),
+        epochs: run.epochs,
+        batch_size: run.batch_size,
+        learning_rate: run.learning_rate,
+        warmup_ratio: run.warmup_ratio,
+        weight_decay: run.weight_decay,
+        seed: run.seed,
+        max_len: run.max_seq_len,
+        mask_prob: args.mask_prob,
+        max_steps: run.max_steps,
+        half: run.half,
+        progress: true,
+    };
+    let report = crate::classify::pretrain::pretrain(&opts)?;
+    eprintln!(
+        "best dev masked-token accuracy {:.4} at epoch {} after {} steps; checkpoint in {} \
+         (fine-tune it with `kefu train --init {}`)",
+        report.best_dev_accuracy,
+        report.best_epoch,
+        report.steps,
+        args.out.display(),
+        args.out.display()
+    );
+    if run.json {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())

@@ -476,10 +476,7 @@ impl BertForSequenceClassification {
     pub fn load(vb: VarBuilder, cfg: &BertConfig, num_labels: usize) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let bert = vb.pp("bert");
-        let embeddings = Embeddings::load(bert.pp("embeddings"), cfg)?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::load(bert.pp("encoder").pp("layer").pp(i), cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let (embeddings, layers) = load_encoder(bert.clone(), cfg)?;
         let h = cfg.hidden_size;
         let pooler = Linear::load(bert.pp("pooler").pp("dense"), cfg, h, h)?;
         let classifier = Linear::load(vb.pp("classifier"), cfg, h, num_labels)?;
@@ -559,12 +556,13 @@ impl BertForSequenceClassification {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2()?;
-        let mask_bias = mask_bias(attention_mask)?.reshape((b, 1, 1, s))?;
-        let mut xs = self.embeddings.forward(input_ids, train)?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &mask_bias, train)?;
-        }
+        let xs = encode_graph(
+            &self.embeddings,
+            &self.layers,
+            input_ids,
+            attention_mask,
+            train,
+        )?;
         self.head(&xs, train)
     }
 
@@ -574,6 +572,93 @@ impl BertForSequenceClassification {
         let pooled = self.pooler.forward(&cls)?.tanh()?;
         let pooled = dropout(&pooled, self.classifier_dropout, train)?;
         self.classifier.forward(&pooled)
+    }
+}
+
+fn load_encoder(bert: VarBuilder, cfg: &BertConfig) -> Result<(Embeddings, Vec<Layer>)> {
+    let embeddings = Embeddings::load(bert.pp("embeddings"), cfg)?;
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|i| Layer::load(bert.pp("encoder").pp("layer").pp(i), cfg))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((embeddings, layers))
+}
+
+/// The encoder op by op in candle: hidden states `[batch, seq, hidden]`.
+fn encode_graph(
+    embeddings: &Embeddings,
+    layers: &[Layer],
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    let (b, s) = input_ids.dims2()?;
+    let mask_bias = mask_bias(attention_mask)?.reshape((b, 1, 1, s))?;
+    let mut xs = embeddings.forward(input_ids, train)?;
+    for layer in layers {
+        xs = layer.forward(&xs, &mask_bias, train)?;
+    }
+    Ok(xs)
+}
+
+/// BERT with the masked-language-model head, as transformers'
+/// `BertForMaskedLM` names it (`bert.*` without the pooler, then
+/// `cls.predictions.transform.{dense,LayerNorm}` and `cls.predictions.bias`;
+/// the decoder shares the word embeddings). `kefu pretrain` trains it on
+/// unlabelled text so that a classifier starts from an encoder that has seen
+/// the language (`kefu train --init`).
+#[derive(Debug, Clone)]
+pub struct BertForMaskedLM {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    transform: Linear,
+    transform_norm: LayerNorm,
+    act: Activation,
+    bias: Tensor,
+}
+
+impl BertForMaskedLM {
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        let (embeddings, layers) = load_encoder(vb.pp("bert"), cfg)?;
+        let head = vb.pp("cls").pp("predictions");
+        let h = cfg.hidden_size;
+        Ok(Self {
+            embeddings,
+            layers,
+            transform: Linear::load(head.pp("transform").pp("dense"), cfg, h, h)?,
+            transform_norm: LayerNorm::load(
+                head.pp("transform").pp("LayerNorm"),
+                h,
+                cfg.layer_norm_eps,
+            )?,
+            act: Activation::parse(&cfg.hidden_act).map_err(candle_core::Error::msg)?,
+            bias: head.get_with_hints(cfg.vocab_size, "bias", candle_nn::init::ZERO)?,
+        })
+    }
+
+    /// Vocabulary logits `[n, vocab]` at `positions` (indices into the
+    /// flattened `[batch × seq]` tokens); only those rows go through the
+    /// vocabulary projection.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        positions: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let xs = encode_graph(
+            &self.embeddings,
+            &self.layers,
+            input_ids,
+            attention_mask,
+            train,
+        )?;
+        let h = xs.dim(2)?;
+        let picked = xs.reshape(((), h))?.index_select(positions, 0)?;
+        let t = self.act.forward(&self.transform.forward(&picked)?)?;
+        let t = self.transform_norm.forward(&t, train)?;
+        t.matmul(&self.embeddings.word.t()?)?
+            .broadcast_add(&self.bias)
     }
 }
 

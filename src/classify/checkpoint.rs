@@ -139,6 +139,10 @@ impl Trainable {
                     var.set(t).map_err(Error::Candle)?;
                 }
                 _ if name.starts_with("classifier.") => fresh.push(name),
+                // A masked-LM checkpoint (`kefu pretrain`, or transformers'
+                // BertForMaskedLM) has no pooler; transformers starts it
+                // fresh too.
+                None if name.starts_with("bert.pooler.") => fresh.push(name),
                 Some(t) => {
                     return Err(Error::load(
                         &path,
@@ -160,23 +164,34 @@ impl Trainable {
     /// must not exist yet: `config.json`, `model.safetensors` (f32, or f16
     /// when `half` is set) and the tokenizer files.
     pub fn save(&self, dir: &Path, tokenizer: &Tokenizer, half: bool) -> Result<(), Error> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::save(dir, e))?;
-        let config = serde_json::to_string_pretty(&self.config).expect("config serialises");
-        std::fs::write(dir.join("config.json"), config).map_err(|e| Error::save(dir, e))?;
-        let dtype = if half { DType::F16 } else { DType::F32 };
-        let tensors: HashMap<String, Tensor> = self
-            .varmap
-            .data()
-            .lock()
-            .expect("varmap lock poisoned")
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(dtype)?)))
-            .collect::<candle_core::Result<_>>()
-            .map_err(Error::Candle)?;
-        candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
-            .map_err(|e| Error::save(dir, e))?;
-        save_tokenizer(tokenizer, dir)
+        save_hf(dir, &self.config, &self.varmap, tokenizer, half)
     }
+}
+
+/// Writes `config`, every variable of `varmap` (as `model.safetensors`, f32
+/// or f16) and the tokenizer files into `dir`.
+pub fn save_hf(
+    dir: &Path,
+    config: &BertConfig,
+    varmap: &VarMap,
+    tokenizer: &Tokenizer,
+    half: bool,
+) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::save(dir, e))?;
+    let config = serde_json::to_string_pretty(config).expect("config serialises");
+    std::fs::write(dir.join("config.json"), config).map_err(|e| Error::save(dir, e))?;
+    let dtype = if half { DType::F16 } else { DType::F32 };
+    let tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock poisoned")
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(dtype)?)))
+        .collect::<candle_core::Result<_>>()
+        .map_err(Error::Candle)?;
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
+        .map_err(|e| Error::save(dir, e))?;
+    save_tokenizer(tokenizer, dir)
 }
 
 /// Writes `tokenizer.json` plus the `vocab.txt`, `tokenizer_config.json` and

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod cpu_ops;
 pub mod data;
 pub mod metrics;
+pub mod pretrain;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;

@@ -74,7 +74,8 @@ pub struct TrainReport {
     pub step_losses: Vec<f32>,
     pub train_examples: usize,
     pub dev_examples: usize,
-    /// Classifier weights that started fresh when fine-tuning.
+    /// Weights that started fresh when fine-tuning: the classifier, and the
+    /// pooler when the checkpoint is a masked-LM one.
     pub fresh_head: Vec<String>,
 }
 
@@ -93,7 +94,7 @@ pub fn learning_rate(step: usize, total: usize, warmup: usize, peak: f64) -> f64
 /// Batches of example indices for one epoch: shuffled, then sorted by length
 /// within windows of 50 batches so that rows of a batch pad to similar
 /// lengths, then the batches shuffled again.
-fn epoch_batches(lengths: &[usize], batch: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
+pub(crate) fn epoch_batches(lengths: &[usize], batch: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     rng.shuffle(&mut order);
     let mut batches = Vec::new();
@@ -155,7 +156,7 @@ pub fn build_vocab(texts: &[&str], min_count: usize) -> Vec<String> {
     vocab
 }
 
-struct Encoded {
+pub(crate) struct Encoded {
     ids: Vec<Vec<u32>>,
     labels: Vec<u32>,
 }
@@ -206,6 +207,140 @@ pub fn evaluate(ckpt: &Checkpoint, path: &Path, batch: usize) -> Result<Metrics,
     )?;
     let gold: Vec<usize> = enc.labels.iter().map(|&l| l as usize).collect();
     Ok(Metrics::compute(&ckpt.labels, &gold, &pred))
+}
+
+/// AdamW as the seed's recipe sets it up: weight decay for weights but not
+/// for biases and LayerNorm, gradients clipped to a global norm of 1.0, the
+/// learning rate warmed up then decayed linearly ([`learning_rate`]).
+pub(crate) struct Optimiser {
+    decay: AdamW,
+    plain: AdamW,
+    vars: Vec<Var>,
+    total: usize,
+    warmup: usize,
+    peak: f64,
+}
+
+impl Optimiser {
+    pub(crate) fn new(
+        varmap: &candle_nn::VarMap,
+        peak: f64,
+        weight_decay: f64,
+        total: usize,
+        warmup_ratio: f64,
+    ) -> Result<Self, Error> {
+        type Named = Vec<(String, Var)>;
+        let (decay, no_decay): (Named, Named) = varmap
+            .data()
+            .lock()
+            .expect("varmap lock poisoned")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .partition(|(k, _)| !(k.ends_with("bias") || k.contains("LayerNorm")));
+        let vars: Vec<Var> = decay
+            .iter()
+            .chain(&no_decay)
+            .map(|(_, v)| v.clone())
+            .collect();
+        let params = |wd: f64| ParamsAdamW {
+            lr: peak,
+            weight_decay: wd,
+            ..ParamsAdamW::default()
+        };
+        Ok(Self {
+            decay: AdamW::new(
+                decay.into_iter().map(|(_, v)| v).collect(),
+                params(weight_decay),
+            )?,
+            plain: AdamW::new(no_decay.into_iter().map(|(_, v)| v).collect(), params(0.0))?,
+            vars,
+            total,
+            warmup: ((total as f64) * warmup_ratio).round() as usize,
+            peak,
+        })
+    }
+
+    /// Back-propagates `loss` and updates every variable; returns the
+    /// learning rate used. A loss that is not finite stops training.
+    pub(crate) fn step(&mut self, loss: &Tensor, step: usize) -> Result<f64, Error> {
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(Error::Invalid(format!(
+                "training diverged at step {step} (loss {value}); lower --learning-rate"
+            )));
+        }
+        let mut grads = loss.backward()?;
+        global_norm_clip(&mut grads, &self.vars, 1.0)?;
+        let lr = learning_rate(step, self.total, self.warmup, self.peak);
+        self.decay.set_learning_rate(lr);
+        self.plain.set_learning_rate(lr);
+        self.decay.step(&grads)?;
+        self.plain.step(&grads)?;
+        Ok(lr)
+    }
+}
+
+/// Progress of a training run: a live bar on a terminal; in logs (CI, nohup)
+/// a plain line every ~5% of the steps.
+pub(crate) struct Progress {
+    bar: ProgressBar,
+    plain: bool,
+    enabled: bool,
+    every: usize,
+    total: usize,
+    started: std::time::Instant,
+}
+
+impl Progress {
+    pub(crate) fn new(total: usize, enabled: bool) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let bar = if enabled && tty {
+            ProgressBar::new(total as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        Self {
+            bar,
+            plain: enabled && !tty,
+            enabled,
+            every: (total / 20).max(1),
+            total,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Step `step` (1-based) is done; `msg` says how it went.
+    pub(crate) fn step(&self, step: usize, msg: String) {
+        if self.plain && step.is_multiple_of(self.every) {
+            eprintln!(
+                "step {step}/{}  {msg}  {:.0} s",
+                self.total,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+        self.bar.set_message(msg);
+        self.bar.inc(1);
+    }
+
+    /// A line that stays (an epoch's result).
+    pub(crate) fn println(&self, line: String) {
+        if self.plain {
+            eprintln!("{line}");
+        } else if self.enabled {
+            self.bar.println(line);
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 fn global_norm_clip(
@@ -302,54 +437,19 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
     let dev_enc = encode_all(&tok, &dev_ex)?;
     let lengths: Vec<usize> = train_enc.ids.iter().map(Vec::len).collect();
 
-    type Named = Vec<(String, Var)>;
-    let (decay, no_decay): (Named, Named) = trainable
-        .varmap
-        .data()
-        .lock()
-        .expect("varmap lock poisoned")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .partition(|(k, _)| !(k.ends_with("bias") || k.contains("LayerNorm")));
-    let all_vars: Vec<Var> = decay
-        .iter()
-        .chain(&no_decay)
-        .map(|(_, v)| v.clone())
-        .collect();
-    let params = |wd: f64| ParamsAdamW {
-        lr: opts.learning_rate,
-        weight_decay: wd,
-        ..ParamsAdamW::default()
-    };
-    let mut opt_decay = AdamW::new(
-        decay.into_iter().map(|(_, v)| v).collect(),
-        params(opts.weight_decay),
-    )?;
-    let mut opt_plain = AdamW::new(no_decay.into_iter().map(|(_, v)| v).collect(), params(0.0))?;
-
     let steps_per_epoch = train_enc.ids.len().div_ceil(opts.batch_size);
     let mut total = steps_per_epoch * opts.epochs;
     if let Some(max) = opts.max_steps {
         total = total.min(max);
     }
-    let warmup = ((total as f64) * opts.warmup_ratio).round() as usize;
-    // A live bar on a terminal; in logs (CI, nohup) a plain line every ~5%.
-    let tty = std::io::stderr().is_terminal();
-    let bar = if opts.progress && tty {
-        ProgressBar::new(total as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    let plain = opts.progress && !tty;
-    let every = (total / 20).max(1);
-    let started = std::time::Instant::now();
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
+    let mut optimiser = Optimiser::new(
+        &trainable.varmap,
+        opts.learning_rate,
+        opts.weight_decay,
+        total,
+        opts.warmup_ratio,
+    )?;
+    let progress = Progress::new(total, opts.progress);
 
     let mut rng = Rng::new(opts.seed);
     let mut step = 0usize;
@@ -379,32 +479,14 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
             let logits = trainable.model.forward(&ids, &masks, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
             let loss_value = loss.to_scalar::<f32>()?;
-            if !loss_value.is_finite() {
-                return Err(Error::Invalid(format!(
-                    "training diverged at step {step} (loss {loss_value}); lower --learning-rate"
-                )));
-            }
-            let mut grads = loss.backward()?;
-            global_norm_clip(&mut grads, &all_vars, 1.0)?;
-            let lr = learning_rate(step, total, warmup, opts.learning_rate);
-            opt_decay.set_learning_rate(lr);
-            opt_plain.set_learning_rate(lr);
-            opt_decay.step(&grads)?;
-            opt_plain.step(&grads)?;
+            let lr = optimiser.step(&loss, step)?;
             step += 1;
             epoch_steps += 1;
             epoch_loss += loss_value as f64;
             report.step_losses.push(loss_value);
             let e = ema.map_or(loss_value as f64, |e| 0.95 * e + 0.05 * loss_value as f64);
             ema = Some(e);
-            bar.set_message(format!("epoch {epoch}  loss {e:.4}  lr {lr:.2e}"));
-            bar.inc(1);
-            if plain && step.is_multiple_of(every) {
-                eprintln!(
-                    "step {step}/{total}  epoch {epoch}  loss {e:.4}  lr {lr:.2e}  {:.0} s",
-                    started.elapsed().as_secs_f64()
-                );
-            }
+            progress.step(step, format!("epoch {epoch}  loss {e:.4}  lr {lr:.2e}"));
         }
         if epoch_steps == 0 {
             break 'epochs;
@@ -423,11 +505,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
             "epoch {epoch}: train loss {mean_loss:.4}, dev accuracy {acc:.4}{}",
             if best { " (best so far, saved)" } else { "" }
         );
-        if plain {
-            eprintln!("{line}");
-        } else if opts.progress {
-            bar.println(line);
-        }
+        progress.println(line);
         if best {
             report.best_dev_accuracy = acc;
             report.best_epoch = epoch;
@@ -437,7 +515,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
             break;
         }
     }
-    bar.finish_and_clear();
+    progress.finish();
     report.steps = step;
     Ok(Trained {
         report,
@@ -446,7 +524,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
     })
 }
 
-fn tokenizer_set_max(tok: &mut Tokenizer, max_len: usize) -> Result<(), Error> {
+pub(crate) fn tokenizer_set_max(tok: &mut Tokenizer, max_len: usize) -> Result<(), Error> {
     tok.with_truncation(Some(tokenizers::TruncationParams {
         max_length: max_len,
         ..Default::default()
@@ -472,6 +550,14 @@ pub fn save_atomically(
     out: &Path,
     half: bool,
 ) -> Result<(), Error> {
+    write_atomically(out, |tmp| t.save(tmp, tok, half))
+}
+
+/// Lets `write` fill a directory beside `out`, then renames it to `out`.
+pub(crate) fn write_atomically(
+    out: &Path,
+    write: impl FnOnce(&Path) -> Result<(), Error>,
+) -> Result<(), Error> {
     let name = out
         .file_name()
         .and_then(|n| n.to_str())
@@ -479,7 +565,7 @@ pub fn save_atomically(
     let tmp = tempfile_path(out, &format!("{name}.tmp"));
     let old = tempfile_path(out, &format!("{name}.old"));
     let _ = std::fs::remove_dir_all(&tmp);
-    t.save(&tmp, tok, half)?;
+    write(&tmp)?;
     if out.exists() {
         let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(out, &old).map_err(|e| Error::save(out, e))?;

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use candle_core::Device;
 use kefu::classify::checkpoint::Checkpoint;
+use kefu::classify::pretrain::{pretrain, PretrainOptions};
 use kefu::classify::train::{train, FreshModel, Init, TrainOptions};
 use kefu::classify::worker::{logits, pad_id};
 use kefu::classify::{tokenizer, Task};
@@ -159,6 +160,68 @@ fn fine_tuning_keeps_a_matching_head_and_replaces_a_different_one() {
 }
 
 #[test]
+fn a_pretrained_masked_lm_learns_and_fine_tunes_into_a_classifier() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = sample("data/intents/train.jsonl", 400, dir.path(), "train.jsonl");
+    let dev = sample("data/sentiment/extra.jsonl", 40, dir.path(), "dev.jsonl");
+    let out = dir.path().join("mlm");
+    let Init::Fresh(shape) = tiny() else {
+        unreachable!()
+    };
+    let report = pretrain(&PretrainOptions {
+        data: vec![data.clone()],
+        dev: vec![dev],
+        out: out.clone(),
+        shape,
+        epochs: 2,
+        batch_size: 16,
+        learning_rate: 5e-3,
+        warmup_ratio: 0.1,
+        weight_decay: 0.01,
+        seed: 7,
+        max_len: 48,
+        mask_prob: 0.15,
+        max_steps: Some(40),
+        half: false,
+        progress: false,
+    })
+    .expect("pretraining runs");
+    let losses = &report.step_losses;
+    assert_eq!(losses.len(), 40);
+    let first: f32 = losses[..4].iter().sum::<f32>() / 4.0;
+    let last: f32 = losses[losses.len() - 4..].iter().sum::<f32>() / 4.0;
+    assert!(
+        last < first * 0.95,
+        "masked-LM loss did not fall: {first} -> {last}"
+    );
+    assert!((0.0..=1.0).contains(&report.best_dev_accuracy));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "BertForMaskedLM");
+
+    // `kefu train --init` starts from its encoder; the pooler and the
+    // classifier start fresh, as transformers does.
+    let mut opts = options(
+        Task::Intent,
+        data.clone(),
+        data,
+        dir.path().join("intent"),
+        Init::Pretrained(out),
+    );
+    opts.max_steps = Some(2);
+    let trained = train(&opts).unwrap();
+    assert_eq!(
+        trained.report.fresh_head,
+        [
+            "bert.pooler.dense.bias",
+            "bert.pooler.dense.weight",
+            "classifier.bias",
+            "classifier.weight"
+        ]
+    );
+}
+
+#[test]
 fn a_bad_training_line_is_reported_with_its_number() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("bad.jsonl");
@@ -241,10 +304,12 @@ fn every_command_has_help() {
         vec!["serve"],
         vec!["classify"],
         vec!["train"],
+        vec!["pretrain"],
         vec!["eval"],
         vec!["generate"],
         vec!["chat"],
         vec!["export-corrections"],
+        vec!["health"],
         vec!["bench", "classify"],
         vec!["bench", "generate"],
         vec!["bench", "chat"],
