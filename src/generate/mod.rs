@@ -6,6 +6,7 @@
 
 pub mod mistral;
 pub mod prompt;
+pub mod requant;
 
 use std::time::Instant;
 
