@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::classify::checkpoint::Checkpoint;
-use crate::classify::train::{self, FreshModel, Init, TrainOptions};
+use crate::classify::train::{self, FreshModel, Init, RunOptions, TrainOptions};
 use crate::classify::{self, LabelMap, Language, Task};
 use crate::config::ServeArgs;
 use crate::telemetry::LogFormat;
@@ -201,6 +201,23 @@ pub struct RunArgs {
     pub json: bool,
 }
 
+impl RunArgs {
+    fn options(&self) -> RunOptions {
+        RunOptions {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            warmup_ratio: self.warmup_ratio,
+            weight_decay: self.weight_decay,
+            seed: self.seed,
+            max_len: self.max_seq_len,
+            max_steps: self.max_steps,
+            half: self.half,
+            progress: true,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct PretrainArgs {
     /// Unlabelled texts: JSONL files (their `text` fields) or plain text, one
@@ -381,16 +398,7 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
         dev: args.dev,
         out: args.out.clone(),
         init,
-        epochs: run.epochs,
-        batch_size: run.batch_size,
-        learning_rate: run.learning_rate,
-        warmup_ratio: run.warmup_ratio,
-        weight_decay: run.weight_decay,
-        seed: run.seed,
-        max_len: run.max_seq_len,
-        max_steps: run.max_steps,
-        half: run.half,
-        progress: true,
+        run: run.options(),
     };
     let report = train::train(&opts)?.report;
     eprintln!(
@@ -413,17 +421,8 @@ fn pretrain_cmd(args: PretrainArgs) -> anyhow::Result<()> {
         dev: args.dev.clone(),
         out: args.out.clone(),
         shape: args.shape.fresh(),
-        epochs: run.epochs,
-        batch_size: run.batch_size,
-        learning_rate: run.learning_rate,
-        warmup_ratio: run.warmup_ratio,
-        weight_decay: run.weight_decay,
-        seed: run.seed,
-        max_len: run.max_seq_len,
         mask_prob: args.mask_prob,
-        max_steps: run.max_steps,
-        half: run.half,
-        progress: true,
+        run: run.options(),
     };
     let report = crate::classify::pretrain::pretrain(&opts)?;
     eprintln!(

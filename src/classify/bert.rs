@@ -459,8 +459,7 @@ const CPU_PASS_TOKENS: usize = 1024;
 /// BERT encoder + pooler + classification head.
 #[derive(Debug, Clone)]
 pub struct BertForSequenceClassification {
-    embeddings: Embeddings,
-    layers: Vec<Layer>,
+    encoder: Encoder,
     /// Per layer, once `prepare_inference` ran.
     fused: Option<Vec<FusedLayer>>,
     pooler: Linear,
@@ -476,13 +475,12 @@ impl BertForSequenceClassification {
     pub fn load(vb: VarBuilder, cfg: &BertConfig, num_labels: usize) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let bert = vb.pp("bert");
-        let (embeddings, layers) = load_encoder(bert.clone(), cfg)?;
+        let encoder = Encoder::load(bert.clone(), cfg)?;
         let h = cfg.hidden_size;
         let pooler = Linear::load(bert.pp("pooler").pp("dense"), cfg, h, h)?;
         let classifier = Linear::load(vb.pp("classifier"), cfg, h, num_labels)?;
         Ok(Self {
-            embeddings,
-            layers,
+            encoder,
             fused: None,
             pooler,
             classifier,
@@ -499,8 +497,10 @@ impl BertForSequenceClassification {
     /// fused CPU kernels' weights are arranged once instead of per call.
     /// Do not call it on a model that is still being trained.
     pub fn prepare_inference(&mut self) -> Result<()> {
-        if cpu_ops::supported(self.embeddings.word.device(), self.embeddings.word.dtype()) {
-            self.fused = Some(self.layers.iter().map(Layer::fuse).collect::<Result<_>>()?);
+        let word = self.encoder.word_embeddings();
+        if cpu_ops::supported(word.device(), word.dtype()) {
+            let layers = &self.encoder.layers;
+            self.fused = Some(layers.iter().map(Layer::fuse).collect::<Result<_>>()?);
         }
         Ok(())
     }
@@ -515,7 +515,7 @@ impl BertForSequenceClassification {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let weights = &self.embeddings.word;
+        let weights = self.encoder.word_embeddings();
         if train || !cpu_ops::supported(weights.device(), weights.dtype()) {
             return self.forward_graph(input_ids, attention_mask, train);
         }
@@ -539,8 +539,8 @@ impl BertForSequenceClassification {
 
     fn forward_fused(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let mask_bias = mask_bias(attention_mask)?;
-        let mut xs = self.embeddings.forward(input_ids, false)?;
-        for (i, layer) in self.layers.iter().enumerate() {
+        let mut xs = self.encoder.embeddings.forward(input_ids, false)?;
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
             xs = match &self.fused {
                 Some(fused) => layer.forward_fused(&xs, &mask_bias, &fused[i])?,
                 None => layer.forward_fused(&xs, &mask_bias, &layer.fuse()?)?,
@@ -556,13 +556,7 @@ impl BertForSequenceClassification {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let xs = encode_graph(
-            &self.embeddings,
-            &self.layers,
-            input_ids,
-            attention_mask,
-            train,
-        )?;
+        let xs = self.encoder.forward(input_ids, attention_mask, train)?;
         self.head(&xs, train)
     }
 
@@ -575,29 +569,37 @@ impl BertForSequenceClassification {
     }
 }
 
-fn load_encoder(bert: VarBuilder, cfg: &BertConfig) -> Result<(Embeddings, Vec<Layer>)> {
-    let embeddings = Embeddings::load(bert.pp("embeddings"), cfg)?;
-    let layers = (0..cfg.num_hidden_layers)
-        .map(|i| Layer::load(bert.pp("encoder").pp("layer").pp(i), cfg))
-        .collect::<Result<Vec<_>>>()?;
-    Ok((embeddings, layers))
+/// Embeddings and the transformer layers, under `bert.` in both heads'
+/// checkpoints.
+#[derive(Debug, Clone)]
+struct Encoder {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
 }
 
-/// The encoder op by op in candle: hidden states `[batch, seq, hidden]`.
-fn encode_graph(
-    embeddings: &Embeddings,
-    layers: &[Layer],
-    input_ids: &Tensor,
-    attention_mask: &Tensor,
-    train: bool,
-) -> Result<Tensor> {
-    let (b, s) = input_ids.dims2()?;
-    let mask_bias = mask_bias(attention_mask)?.reshape((b, 1, 1, s))?;
-    let mut xs = embeddings.forward(input_ids, train)?;
-    for layer in layers {
-        xs = layer.forward(&xs, &mask_bias, train)?;
+impl Encoder {
+    fn load(bert: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let embeddings = Embeddings::load(bert.pp("embeddings"), cfg)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::load(bert.pp("encoder").pp("layer").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { embeddings, layers })
     }
-    Ok(xs)
+
+    /// Op by op in candle: hidden states `[batch, seq, hidden]`.
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let mask_bias = mask_bias(attention_mask)?.reshape((b, 1, 1, s))?;
+        let mut xs = self.embeddings.forward(input_ids, train)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask_bias, train)?;
+        }
+        Ok(xs)
+    }
+
+    fn word_embeddings(&self) -> &Tensor {
+        &self.embeddings.word
+    }
 }
 
 /// BERT with the masked-language-model head, as transformers'
@@ -608,8 +610,7 @@ fn encode_graph(
 /// the language (`kefu train --init`).
 #[derive(Debug, Clone)]
 pub struct BertForMaskedLM {
-    embeddings: Embeddings,
-    layers: Vec<Layer>,
+    encoder: Encoder,
     transform: Linear,
     transform_norm: LayerNorm,
     act: Activation,
@@ -619,12 +620,11 @@ pub struct BertForMaskedLM {
 impl BertForMaskedLM {
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
-        let (embeddings, layers) = load_encoder(vb.pp("bert"), cfg)?;
+        let encoder = Encoder::load(vb.pp("bert"), cfg)?;
         let head = vb.pp("cls").pp("predictions");
         let h = cfg.hidden_size;
         Ok(Self {
-            embeddings,
-            layers,
+            encoder,
             transform: Linear::load(head.pp("transform").pp("dense"), cfg, h, h)?,
             transform_norm: LayerNorm::load(
                 head.pp("transform").pp("LayerNorm"),
@@ -646,18 +646,12 @@ impl BertForMaskedLM {
         positions: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let xs = encode_graph(
-            &self.embeddings,
-            &self.layers,
-            input_ids,
-            attention_mask,
-            train,
-        )?;
+        let xs = self.encoder.forward(input_ids, attention_mask, train)?;
         let h = xs.dim(2)?;
         let picked = xs.reshape(((), h))?.index_select(positions, 0)?;
         let t = self.act.forward(&self.transform.forward(&picked)?)?;
         let t = self.transform_norm.forward(&t, train)?;
-        t.matmul(&self.embeddings.word.t()?)?
+        t.matmul(&self.encoder.word_embeddings().t()?)?
             .broadcast_add(&self.bias)
     }
 }

@@ -17,7 +17,7 @@ use super::bert::{batch_tensors, BertConfig, BertForMaskedLM};
 use super::checkpoint::save_hf;
 use super::rng::Rng;
 use super::train::{
-    build_vocab, tokenizer_set_max, write_atomically, FreshModel, Optimiser, Progress,
+    build_vocab, tokenizer_set_max, write_atomically, FreshModel, RunOptions, Steps,
 };
 use super::worker::{pad, pad_id};
 use super::{tokenizer, Error};
@@ -32,18 +32,9 @@ pub struct PretrainOptions {
     pub dev: Vec<PathBuf>,
     pub out: PathBuf,
     pub shape: FreshModel,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub learning_rate: f64,
-    pub warmup_ratio: f64,
-    pub weight_decay: f64,
-    pub seed: u64,
-    pub max_len: usize,
     /// Fraction of tokens the model must restore.
     pub mask_prob: f64,
-    pub max_steps: Option<usize>,
-    pub half: bool,
-    pub progress: bool,
+    pub run: RunOptions,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -198,7 +189,7 @@ fn dev_accuracy(
     pad_id: u32,
     device: &Device,
 ) -> Result<f64, Error> {
-    let mut rng = Rng::new(opts.seed ^ 0x5EED_DE7A);
+    let mut rng = Rng::new(opts.run.seed ^ 0x5EED_DE7A);
     let (mut right, mut total) = (0usize, 0usize);
     for chunk in rows.chunks(64) {
         let slices: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
@@ -224,7 +215,7 @@ fn dev_accuracy(
 /// Pretrains as `opts` says and writes the best epoch's `BertForMaskedLM`
 /// checkpoint to `opts.out`.
 pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport, Error> {
-    if opts.batch_size == 0 || opts.epochs == 0 {
+    if opts.run.batch_size == 0 || opts.run.epochs == 0 {
         return Err(Error::Invalid(
             "--batch-size and --epochs must be at least 1".into(),
         ));
@@ -233,7 +224,7 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport, Error> {
         return Err(Error::Invalid("--mask-prob must be between 0 and 1".into()));
     }
     let device = Device::Cpu;
-    super::rng::seed_dropout(opts.seed);
+    super::rng::seed_dropout(opts.run.seed);
     let read_all = |paths: &[PathBuf]| -> Result<Vec<String>, Error> {
         let mut all = Vec::new();
         for p in paths {
@@ -256,7 +247,7 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport, Error> {
             tok?
         }
     };
-    let max_len = opts.max_len.max(8);
+    let max_len = opts.run.max_len.max(8);
     tokenizer_set_max(&mut tok, max_len)?;
     let tokens = mask_tokens(&tok)?;
     let mut config = BertConfig::new_small(
@@ -292,18 +283,7 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport, Error> {
     let dev_ids = encode(&dev_texts)?;
     let pad_id = pad_id(&tok);
 
-    let mut total = train_ids.len().div_ceil(opts.batch_size) * opts.epochs;
-    if let Some(max) = opts.max_steps {
-        total = total.min(max);
-    }
-    let mut optimiser = Optimiser::new(
-        &varmap,
-        opts.learning_rate,
-        opts.weight_decay,
-        total,
-        opts.warmup_ratio,
-    )?;
-    let progress = Progress::new(total, opts.progress);
+    let mut steps = Steps::new(&varmap, &opts.run, train_ids.len())?;
     let mut report = PretrainReport {
         steps: 0,
         best_epoch: 0,
@@ -314,44 +294,29 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport, Error> {
         dev_texts: dev_ids.len(),
     };
     let lengths: Vec<usize> = train_ids.iter().map(Vec::len).collect();
-    let mut rng = Rng::new(opts.seed);
-    let mut step = 0usize;
-    let mut ema: Option<f64> = None;
-    for epoch in 1..=opts.epochs {
-        let (mut epoch_loss, mut epoch_steps) = (0f64, 0usize);
-        for batch in super::train::epoch_batches(&lengths, opts.batch_size, &mut rng) {
-            if step >= total {
+    let mut rng = Rng::new(opts.run.seed);
+    for epoch in 1..=opts.run.epochs {
+        for batch in super::train::epoch_batches(&lengths, opts.run.batch_size, &mut rng) {
+            if steps.done() {
                 break;
             }
             let rows: Vec<&[u32]> = batch.iter().map(|&i| train_ids[i].as_slice()).collect();
-            let batch = tensors(
-                mask_rows(&rows, opts.mask_prob, tokens, &mut rng),
-                pad_id,
-                &device,
-            )?;
+            let masked = mask_rows(&rows, opts.mask_prob, tokens, &mut rng);
+            let batch = tensors(masked, pad_id, &device)?;
             if batch.n == 0 {
                 continue;
             }
             let logits = model.forward(&batch.ids, &batch.mask, &batch.positions, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &batch.targets)?;
-            let value = loss.to_scalar::<f32>()?;
-            let lr = optimiser.step(&loss, step)?;
-            step += 1;
-            epoch_steps += 1;
-            epoch_loss += value as f64;
-            report.step_losses.push(value);
-            let e = ema.map_or(value as f64, |e| 0.95 * e + 0.05 * value as f64);
-            ema = Some(e);
-            progress.step(step, format!("epoch {epoch}  mlm loss {e:.4}  lr {lr:.2e}"));
+            steps.take(&loss, epoch, "mlm loss")?;
         }
-        if epoch_steps == 0 {
+        let Some(mean) = steps.end_epoch() else {
             break;
-        }
+        };
         let acc = dev_accuracy(&model, &dev_ids, opts, tokens, pad_id, &device)?;
-        let mean = epoch_loss / epoch_steps as f64;
         report.epoch_losses.push(mean);
         let best = acc > report.best_dev_accuracy;
-        progress.println(format!(
+        steps.println(format!(
             "epoch {epoch}: mlm loss {mean:.4}, dev masked-token accuracy {acc:.4}{}",
             if best { " (best so far, saved)" } else { "" }
         ));
@@ -359,15 +324,14 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport, Error> {
             report.best_dev_accuracy = acc;
             report.best_epoch = epoch;
             write_atomically(&opts.out, |tmp| {
-                save_hf(tmp, &config, &varmap, &tok, opts.half)
+                save_hf(tmp, &config, &varmap, &tok, opts.run.half)
             })?;
         }
-        if step >= total {
+        if steps.done() {
             break;
         }
     }
-    progress.finish();
-    report.steps = step;
+    (report.steps, report.step_losses) = steps.finish();
     Ok(report)
 }
 

@@ -49,6 +49,12 @@ pub struct TrainOptions {
     pub dev: PathBuf,
     pub out: PathBuf,
     pub init: Init,
+    pub run: RunOptions,
+}
+
+/// How a training run goes; `kefu train` and `kefu pretrain` alike.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
     pub epochs: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
@@ -343,6 +349,91 @@ impl Progress {
     }
 }
 
+/// The bookkeeping of a training loop, shared by `kefu train` and `kefu
+/// pretrain`: the optimiser, the step count against the run's total, every
+/// step's loss, the epoch's mean and the progress display.
+pub(crate) struct Steps {
+    optimiser: Optimiser,
+    progress: Progress,
+    step: usize,
+    total: usize,
+    losses: Vec<f32>,
+    ema: Option<f64>,
+    epoch_loss: f64,
+    epoch_steps: usize,
+}
+
+impl Steps {
+    /// For `examples` training rows per epoch, as `run` says.
+    pub(crate) fn new(
+        varmap: &candle_nn::VarMap,
+        run: &RunOptions,
+        examples: usize,
+    ) -> Result<Self, Error> {
+        let mut total = examples.div_ceil(run.batch_size) * run.epochs;
+        if let Some(max) = run.max_steps {
+            total = total.min(max);
+        }
+        Ok(Self {
+            optimiser: Optimiser::new(
+                varmap,
+                run.learning_rate,
+                run.weight_decay,
+                total,
+                run.warmup_ratio,
+            )?,
+            progress: Progress::new(total, run.progress),
+            step: 0,
+            total,
+            losses: Vec::new(),
+            ema: None,
+            epoch_loss: 0.0,
+            epoch_steps: 0,
+        })
+    }
+
+    /// Whether the run has taken all its steps.
+    pub(crate) fn done(&self) -> bool {
+        self.step >= self.total
+    }
+
+    /// One optimiser step on `loss` (named `what` in the progress line).
+    pub(crate) fn take(&mut self, loss: &Tensor, epoch: usize, what: &str) -> Result<(), Error> {
+        let lr = self.optimiser.step(loss, self.step)?;
+        let value = loss.to_scalar::<f32>()?;
+        self.step += 1;
+        self.epoch_steps += 1;
+        self.epoch_loss += value as f64;
+        self.losses.push(value);
+        let e = self
+            .ema
+            .map_or(value as f64, |e| 0.95 * e + 0.05 * value as f64);
+        self.ema = Some(e);
+        self.progress.step(
+            self.step,
+            format!("epoch {epoch}  {what} {e:.4}  lr {lr:.2e}"),
+        );
+        Ok(())
+    }
+
+    /// The mean loss of the epoch just finished; `None` when it took no step.
+    pub(crate) fn end_epoch(&mut self) -> Option<f64> {
+        let mean = (self.epoch_steps > 0).then(|| self.epoch_loss / self.epoch_steps as f64);
+        (self.epoch_loss, self.epoch_steps) = (0.0, 0);
+        mean
+    }
+
+    pub(crate) fn println(&self, line: String) {
+        self.progress.println(line);
+    }
+
+    /// Steps taken and every step's loss.
+    pub(crate) fn finish(self) -> (usize, Vec<f32>) {
+        self.progress.finish();
+        (self.step, self.losses)
+    }
+}
+
 fn global_norm_clip(
     grads: &mut candle_core::backprop::GradStore,
     vars: &[Var],
@@ -377,13 +468,13 @@ pub struct Trained {
 /// Trains a classifier as `opts` says and writes the best checkpoint to
 /// `opts.out`.
 pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
-    if opts.batch_size == 0 || opts.epochs == 0 {
+    if opts.run.batch_size == 0 || opts.run.epochs == 0 {
         return Err(Error::Invalid(
             "--batch-size and --epochs must be at least 1".into(),
         ));
     }
     let device = Device::Cpu;
-    super::rng::seed_dropout(opts.seed);
+    super::rng::seed_dropout(opts.run.seed);
     let task_labels: Vec<String> = opts.task.labels().iter().map(|s| s.to_string()).collect();
     let labels: Vec<&str> = opts.task.labels().to_vec();
     let train_ex = read_jsonl(&opts.data, &labels)?;
@@ -392,7 +483,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
     let (trainable, mut tok, fresh_head) = match &opts.init {
         Init::Pretrained(dir) => {
             let (t, fresh) = Trainable::from_pretrained(dir, &task_labels, &device)?;
-            let max_len = opts.max_len.min(t.config.max_position_embeddings);
+            let max_len = opts.run.max_len.min(t.config.max_position_embeddings);
             let tok = tokenizer::load(dir, max_len)?;
             (t, tok, fresh)
         }
@@ -420,7 +511,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
                 shape.layers,
                 shape.heads,
                 shape.intermediate_size,
-                opts.max_len.max(8),
+                opts.run.max_len.max(8),
                 &task_labels,
             );
             config.validate().map_err(Error::Invalid)?;
@@ -430,29 +521,17 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
     // Truncate to what the model's position table holds.
     tokenizer_set_max(
         &mut tok,
-        opts.max_len.min(trainable.config.max_position_embeddings),
+        opts.run
+            .max_len
+            .min(trainable.config.max_position_embeddings),
     )?;
     let pad = pad_id(&tok);
     let train_enc = encode_all(&tok, &train_ex)?;
     let dev_enc = encode_all(&tok, &dev_ex)?;
     let lengths: Vec<usize> = train_enc.ids.iter().map(Vec::len).collect();
 
-    let steps_per_epoch = train_enc.ids.len().div_ceil(opts.batch_size);
-    let mut total = steps_per_epoch * opts.epochs;
-    if let Some(max) = opts.max_steps {
-        total = total.min(max);
-    }
-    let mut optimiser = Optimiser::new(
-        &trainable.varmap,
-        opts.learning_rate,
-        opts.weight_decay,
-        total,
-        opts.warmup_ratio,
-    )?;
-    let progress = Progress::new(total, opts.progress);
-
-    let mut rng = Rng::new(opts.seed);
-    let mut step = 0usize;
+    let mut steps = Steps::new(&trainable.varmap, &opts.run, train_enc.ids.len())?;
+    let mut rng = Rng::new(opts.run.seed);
     let mut report = TrainReport {
         steps: 0,
         best_epoch: 0,
@@ -463,12 +542,9 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
         dev_examples: dev_ex.len(),
         fresh_head,
     };
-    let mut ema: Option<f64> = None;
-    'epochs: for epoch in 1..=opts.epochs {
-        let mut epoch_loss = 0f64;
-        let mut epoch_steps = 0usize;
-        for batch in epoch_batches(&lengths, opts.batch_size, &mut rng) {
-            if step >= total {
+    for epoch in 1..=opts.run.epochs {
+        for batch in epoch_batches(&lengths, opts.run.batch_size, &mut rng) {
+            if steps.done() {
                 break;
             }
             let rows: Vec<&[u32]> = batch.iter().map(|&i| train_enc.ids[i].as_slice()).collect();
@@ -478,19 +554,11 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
             let targets = Tensor::new(targets, &device)?;
             let logits = trainable.model.forward(&ids, &masks, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
-            let loss_value = loss.to_scalar::<f32>()?;
-            let lr = optimiser.step(&loss, step)?;
-            step += 1;
-            epoch_steps += 1;
-            epoch_loss += loss_value as f64;
-            report.step_losses.push(loss_value);
-            let e = ema.map_or(loss_value as f64, |e| 0.95 * e + 0.05 * loss_value as f64);
-            ema = Some(e);
-            progress.step(step, format!("epoch {epoch}  loss {e:.4}  lr {lr:.2e}"));
+            steps.take(&loss, epoch, "loss")?;
         }
-        if epoch_steps == 0 {
-            break 'epochs;
-        }
+        let Some(mean_loss) = steps.end_epoch() else {
+            break;
+        };
         let pred = predict(&trainable.model, &dev_enc.ids, pad, 64, &device)?;
         let correct = pred
             .iter()
@@ -498,25 +566,22 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
             .filter(|(p, g)| **p == **g as usize)
             .count();
         let acc = correct as f64 / pred.len() as f64;
-        let mean_loss = epoch_loss / epoch_steps as f64;
         report.epoch_losses.push(mean_loss);
         let best = acc > report.best_dev_accuracy;
-        let line = format!(
+        steps.println(format!(
             "epoch {epoch}: train loss {mean_loss:.4}, dev accuracy {acc:.4}{}",
             if best { " (best so far, saved)" } else { "" }
-        );
-        progress.println(line);
+        ));
         if best {
             report.best_dev_accuracy = acc;
             report.best_epoch = epoch;
-            save_atomically(&trainable, &tok, &opts.out, opts.half)?;
+            save_atomically(&trainable, &tok, &opts.out, opts.run.half)?;
         }
-        if step >= total {
+        if steps.done() {
             break;
         }
     }
-    progress.finish();
-    report.steps = step;
+    (report.steps, report.step_losses) = steps.finish();
     Ok(Trained {
         report,
         last: trainable,

@@ -195,21 +195,16 @@ fn the_cpu_copy_re_quantises_what_candle_runs_without_simd() {
         .unwrap()
         .dequantize(&cpu)
         .unwrap();
-    let largest = x
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let diff = (x - y)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let max_abs = |t: candle_core::Tensor| -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let largest = max_abs(x.clone());
+    let diff = max_abs((x - y).unwrap());
     assert!(
         diff <= largest / 127.0,
         "{diff} vs largest weight {largest}"

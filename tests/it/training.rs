@@ -8,7 +8,7 @@ use std::process::Command;
 use candle_core::Device;
 use kefu::classify::checkpoint::Checkpoint;
 use kefu::classify::pretrain::{pretrain, PretrainOptions};
-use kefu::classify::train::{train, FreshModel, Init, TrainOptions};
+use kefu::classify::train::{train, FreshModel, Init, RunOptions, TrainOptions};
 use kefu::classify::worker::{logits, pad_id};
 use kefu::classify::{tokenizer, Task};
 
@@ -34,6 +34,12 @@ fn options(task: Task, data: PathBuf, dev: PathBuf, out: PathBuf, init: Init) ->
         dev,
         out,
         init,
+        run: run(),
+    }
+}
+
+fn run() -> RunOptions {
+    RunOptions {
         epochs: 50,
         batch_size: 16,
         learning_rate: 2e-3,
@@ -66,8 +72,8 @@ fn a_fresh_model_learns_and_its_checkpoint_reloads_exactly() {
     let out = dir.path().join("model");
     let mut opts = options(Task::Intent, data, dev, out.clone(), tiny());
     // One epoch, cut short: what is saved is exactly the last step's model.
-    opts.epochs = 1;
-    opts.max_steps = Some(24);
+    opts.run.epochs = 1;
+    opts.run.max_steps = Some(24);
     let trained = train(&opts).expect("training runs");
     let losses = &trained.report.step_losses;
     assert_eq!(losses.len(), 24);
@@ -131,9 +137,9 @@ fn fine_tuning_keeps_a_matching_head_and_replaces_a_different_one() {
         out.clone(),
         Init::Pretrained(fixture("tiny-bert")),
     );
-    opts.max_steps = Some(3);
-    opts.max_len = 64;
-    opts.half = true;
+    opts.run.max_steps = Some(3);
+    opts.run.max_len = 64;
+    opts.run.half = true;
     let trained = train(&opts).unwrap();
     assert!(
         trained.report.fresh_head.is_empty(),
@@ -150,8 +156,8 @@ fn fine_tuning_keeps_a_matching_head_and_replaces_a_different_one() {
         dir.path().join("intent"),
         Init::Pretrained(fixture("tiny-bert")),
     );
-    opts.max_steps = Some(2);
-    opts.max_len = 64;
+    opts.run.max_steps = Some(2);
+    opts.run.max_len = 64;
     let trained = train(&opts).unwrap();
     assert_eq!(
         trained.report.fresh_head,
@@ -173,17 +179,13 @@ fn a_pretrained_masked_lm_learns_and_fine_tunes_into_a_classifier() {
         dev: vec![dev],
         out: out.clone(),
         shape,
-        epochs: 2,
-        batch_size: 16,
-        learning_rate: 5e-3,
-        warmup_ratio: 0.1,
-        weight_decay: 0.01,
-        seed: 7,
-        max_len: 48,
         mask_prob: 0.15,
-        max_steps: Some(40),
-        half: false,
-        progress: false,
+        run: RunOptions {
+            epochs: 2,
+            learning_rate: 5e-3,
+            max_steps: Some(40),
+            ..run()
+        },
     })
     .expect("pretraining runs");
     let losses = &report.step_losses;
@@ -208,7 +210,7 @@ fn a_pretrained_masked_lm_learns_and_fine_tunes_into_a_classifier() {
         dir.path().join("intent"),
         Init::Pretrained(out),
     );
-    opts.max_steps = Some(2);
+    opts.run.max_steps = Some(2);
     let trained = train(&opts).unwrap();
     assert_eq!(
         trained.report.fresh_head,
