@@ -49,13 +49,13 @@ qwen)
     ;;
 shape)
     [ -f "$qwen" ] || { echo "gpu-bundle: $qwen is missing: run make models" >&2; exit 1; }
-    if ! "$python" -c "import transformers, gguf" 2>/dev/null; then
-        site="${XDG_CACHE_HOME:-$HOME/.cache}/kefu/python-shape"
-        if ! PYTHONPATH="$site" "$python" -c "import transformers, gguf" 2>/dev/null; then
-            echo "gpu-bundle: installing transformers and gguf into $site (once)"
-            "$python" -m pip install -q --target "$site" "transformers>=4.50" gguf sentencepiece
-        fi
-        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    # transformers reads a GGUF's config and tokenizer only with torch
+    # installed (its GGUF loader imports it), so a Python without torch
+    # cannot make the shape folder; installing torch here would be ~1 GB.
+    if ! "$python" -c "import transformers, gguf, torch" 2>/dev/null; then
+        echo "gpu-bundle: GPU_BUNDLE_GENERATOR=shape needs a Python with torch, transformers" >&2
+        echo "and gguf: run it as PYTHON=/path/to/python make gpu-bundle" >&2
+        exit 1
     fi
     "$python" scripts/gpu/qwen_shape.py "$qwen" "$tmp/models/qwen-shape"
     xz -9 "$tmp/models/qwen-shape/tokenizer.json" # gpu-check.sh unpacks it
