@@ -267,8 +267,9 @@ impl Optimiser {
     }
 
     /// Back-propagates `loss` and updates every variable; returns the
-    /// learning rate used. A loss that is not finite stops training.
-    pub(crate) fn step(&mut self, loss: &Tensor, step: usize) -> Result<f64, Error> {
+    /// learning rate used and the loss's value. A loss that is not finite
+    /// stops training.
+    pub(crate) fn step(&mut self, loss: &Tensor, step: usize) -> Result<(f64, f32), Error> {
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
             return Err(Error::Invalid(format!(
@@ -282,7 +283,7 @@ impl Optimiser {
         self.plain.set_learning_rate(lr);
         self.decay.step(&grads)?;
         self.plain.step(&grads)?;
-        Ok(lr)
+        Ok((lr, value))
     }
 }
 
@@ -399,8 +400,7 @@ impl Steps {
 
     /// One optimiser step on `loss` (named `what` in the progress line).
     pub(crate) fn take(&mut self, loss: &Tensor, epoch: usize, what: &str) -> Result<(), Error> {
-        let lr = self.optimiser.step(loss, self.step)?;
-        let value = loss.to_scalar::<f32>()?;
+        let (lr, value) = self.optimiser.step(loss, self.step)?;
         self.step += 1;
         self.epoch_steps += 1;
         self.epoch_loss += value as f64;

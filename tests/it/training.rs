@@ -64,6 +64,17 @@ fn tiny() -> Init {
     })
 }
 
+/// The mean of the last four steps' losses is below `factor` times the
+/// mean of the first four.
+fn assert_loss_falls(losses: &[f32], factor: f32, what: &str) {
+    let first: f32 = losses[..4].iter().sum::<f32>() / 4.0;
+    let last: f32 = losses[losses.len() - 4..].iter().sum::<f32>() / 4.0;
+    assert!(
+        last < first * factor,
+        "{what} did not fall: {first} -> {last}"
+    );
+}
+
 #[test]
 fn a_fresh_model_learns_and_its_checkpoint_reloads_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -77,9 +88,7 @@ fn a_fresh_model_learns_and_its_checkpoint_reloads_exactly() {
     let trained = train(&opts).expect("training runs");
     let losses = &trained.report.step_losses;
     assert_eq!(losses.len(), 24);
-    let first: f32 = losses[..4].iter().sum::<f32>() / 4.0;
-    let last: f32 = losses[losses.len() - 4..].iter().sum::<f32>() / 4.0;
-    assert!(last < first * 0.9, "loss did not fall: {first} -> {last}");
+    assert_loss_falls(losses, 0.9, "loss");
 
     for f in [
         "config.json",
@@ -190,12 +199,7 @@ fn a_pretrained_masked_lm_learns_and_fine_tunes_into_a_classifier() {
     .expect("pretraining runs");
     let losses = &report.step_losses;
     assert_eq!(losses.len(), 40);
-    let first: f32 = losses[..4].iter().sum::<f32>() / 4.0;
-    let last: f32 = losses[losses.len() - 4..].iter().sum::<f32>() / 4.0;
-    assert!(
-        last < first * 0.95,
-        "masked-LM loss did not fall: {first} -> {last}"
-    );
+    assert_loss_falls(losses, 0.95, "masked-LM loss");
     assert!((0.0..=1.0).contains(&report.best_dev_accuracy));
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
