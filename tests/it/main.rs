@@ -9,5 +9,6 @@ mod common;
 mod generator;
 mod harness;
 mod marketing;
+mod quantized_kernels;
 mod server;
 mod training;
