@@ -309,11 +309,6 @@ pub struct GenerateBenchArgs {
     /// Where mistral.rs runs (cuda needs a `make build-cuda` binary).
     #[arg(long, value_enum, default_value_t = Want::Auto)]
     pub device: Want,
-    /// On the CPU, let mistral.rs load each GGUF exactly as it is, as
-    /// `kefu serve --generator-as-is` does, instead of kefu's Q8_0 copy of
-    /// Q4_1/Q5_0/Q5_1 tensors. llama.cpp always reads the file as given.
-    #[arg(long)]
-    pub as_is: bool,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -371,7 +366,6 @@ async fn run_mistral(
             max_concurrent: args.concurrent.max(1),
             // Every run sends the same prompt: a prefix cache would skip prefill.
             prefix_cache: 0,
-            cpu_q8_0: !args.as_is,
         },
     )
     .await?;

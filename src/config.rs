@@ -157,12 +157,6 @@ pub struct GeneratorArgs {
     #[arg(long, env = "KEFU_PREFIX_CACHE", default_value_t = 16)]
     pub prefix_cache: usize,
 
-    /// On the CPU, load a GGUF exactly as it is. By default kefu decodes a
-    /// GGUF with Q4_1/Q5_0/Q5_1 tensors (which candle runs without SIMD)
-    /// from a Q8_0 copy it writes beside the file on first use.
-    #[arg(long, env = "KEFU_GENERATOR_AS_IS")]
-    pub generator_as_is: bool,
-
     /// Default sampling temperature; 0 is greedy (repeatable). Requests may
     /// override it within [0, 2].
     #[arg(long, env = "KEFU_TEMPERATURE", default_value_t = 0.3)]
@@ -202,7 +196,6 @@ impl GeneratorArgs {
             generator_cpu: false,
             generator_max_concurrent: 0,
             prefix_cache: 16,
-            generator_as_is: false,
             temperature: 0.3,
             top_p: 0.9,
             max_new_tokens: 160,

@@ -31,9 +31,6 @@ pub struct Options {
     /// Conversations whose KV cache mistral.rs keeps for reuse; 0 disables
     /// prefix caching.
     pub prefix_cache: usize,
-    /// On the CPU, decode a GGUF whose tensors candle runs without SIMD from
-    /// a Q8_0 copy beside it (`requant`); off loads every file as it is.
-    pub cpu_q8_0: bool,
 }
 
 impl Default for Options {
@@ -42,7 +39,6 @@ impl Default for Options {
             device: Policy::default(),
             max_concurrent: 0,
             prefix_cache: 16,
-            cpu_q8_0: true,
         }
     }
 }
@@ -102,7 +98,7 @@ impl MistralGenerator {
         let built = if gpu {
             build(path, max_seqs, prefix, true).await
         } else {
-            build(&cpu_weights(path, options).await, max_seqs, prefix, false).await
+            build(path, max_seqs, prefix, false).await
         };
         let (model, why) = match built {
             Ok(model) => (model, placement.reason),
@@ -111,11 +107,8 @@ impl MistralGenerator {
                     device::after_gpu_failure(options.device, &e).map_err(fail)?;
                 tracing::warn!(reason = %fallback.reason, "generator not on the GPU");
                 max_seqs = concurrency(options.max_concurrent, false);
-                let weights = cpu_weights(path, options).await;
                 (
-                    build(&weights, max_seqs, prefix, false)
-                        .await
-                        .map_err(fail)?,
+                    build(path, max_seqs, prefix, false).await.map_err(fail)?,
                     fallback.reason,
                 )
             }
@@ -145,42 +138,6 @@ impl MistralGenerator {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-}
-
-/// The file the CPU decodes from: for a GGUF with tensors candle runs
-/// without SIMD, its Q8_0 copy (made on first use); otherwise, or when the
-/// copy cannot be made (a read-only model directory), `path` itself.
-async fn cpu_weights(path: &Path, options: &Options) -> PathBuf {
-    let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
-    if !options.cpu_q8_0 || !is_gguf {
-        return path.to_path_buf();
-    }
-    let model = path.to_path_buf();
-    let started = std::time::Instant::now();
-    let converted = tokio::task::spawn_blocking(move || {
-        let beside = model.parent().unwrap_or(Path::new("."));
-        super::requant::for_cpu(&model, beside)
-    })
-    .await
-    .unwrap_or_else(|e| Err(format!("conversion panicked: {e}")));
-    match converted {
-        Ok(None) => path.to_path_buf(),
-        Ok(Some(copy)) => {
-            tracing::info!(
-                model = %path.display(),
-                copy = %copy.path.display(),
-                requantised = copy.requantised,
-                tensors = copy.tensors,
-                seconds = started.elapsed().as_secs_f32(),
-                "generator: decoding on the CPU from a Q8_0 copy (candle has no SIMD kernel for Q4_1/Q5_0/Q5_1)"
-            );
-            copy.path
-        }
-        Err(e) => {
-            tracing::warn!(model = %path.display(), error = %e, "generator: no Q8_0 copy for the CPU; loading the file as it is");
-            path.to_path_buf()
-        }
     }
 }
 

@@ -6,7 +6,6 @@
 
 pub mod mistral;
 pub mod prompt;
-pub mod requant;
 
 use std::time::Instant;
 

@@ -78,7 +78,6 @@ impl Models {
                 device: args.devices.generator(g.generator_cpu),
                 max_concurrent: g.generator_max_concurrent,
                 prefix_cache: g.prefix_cache,
-                cpu_q8_0: !g.generator_as_is,
             };
             let generator = MistralGenerator::load(&g.generator_model, &options)
                 .await

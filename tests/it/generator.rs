@@ -53,7 +53,6 @@ async fn smollm2_generates_streams_stops_and_cancels() {
             },
             max_concurrent: 1,
             prefix_cache: 0,
-            cpu_q8_0: true,
         },
     )
     .await
@@ -149,94 +148,6 @@ async fn smollm2_generates_streams_stops_and_cancels() {
     .await
     .expect("a dropped stream frees its slot");
     assert!(freed);
-}
-
-#[test]
-fn the_cpu_copy_re_quantises_what_candle_runs_without_simd() {
-    use candle_core::quantized::{gguf_file, GgmlDType};
-    use kefu::generate::requant;
-
-    let src = smollm2();
-    let dir = tempfile::tempdir().unwrap();
-    let copy = requant::for_cpu(&src, dir.path())
-        .unwrap()
-        .expect("SmolLM2 is made of Q4_1 tensors");
-    let before = requant::tensor_types(&src).unwrap();
-    let after = requant::tensor_types(&copy.path).unwrap();
-    assert_eq!(copy.requantised, before[&GgmlDType::Q4_1]);
-    assert!(requant::SLOW_ON_CPU.iter().all(|t| !after.contains_key(t)));
-    assert_eq!(
-        after.values().sum::<usize>(),
-        before.values().sum::<usize>()
-    );
-    assert_eq!(
-        after[&GgmlDType::Q8_0],
-        before[&GgmlDType::Q4_1] + before.get(&GgmlDType::Q8_0).unwrap_or(&0)
-    );
-    assert_eq!(requant::slow_tensors(&copy.path).unwrap(), 0);
-
-    // The weights are the same to within Q8_0's step, the metadata (chat
-    // template, tokenizer) is kept.
-    let read = |p: &std::path::Path| {
-        let mut f = std::fs::File::open(p).unwrap();
-        let c = gguf_file::Content::read(&mut f).unwrap();
-        (c, f)
-    };
-    let ((a, mut fa), (b, mut fb)) = (read(&src), read(&copy.path));
-    let name = "blk.0.attn_q.weight";
-    let cpu = candle_core::Device::Cpu;
-    let x = a
-        .tensor(&mut fa, name, &cpu)
-        .unwrap()
-        .dequantize(&cpu)
-        .unwrap();
-    let y = b
-        .tensor(&mut fb, name, &cpu)
-        .unwrap()
-        .dequantize(&cpu)
-        .unwrap();
-    let max_abs = |t: candle_core::Tensor| -> f32 {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    let largest = max_abs(x.clone());
-    let diff = max_abs((x - y).unwrap());
-    assert!(
-        diff <= largest / 127.0,
-        "{diff} vs largest weight {largest}"
-    );
-    assert_eq!(
-        a.metadata["tokenizer.chat_template"].to_string().unwrap(),
-        b.metadata["tokenizer.chat_template"].to_string().unwrap()
-    );
-
-    // Made once, then reused; made again when the source changes.
-    let modified = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
-    let written = modified(&copy.path);
-    let again = requant::for_cpu(&src, dir.path()).unwrap().unwrap();
-    assert_eq!(again.path, copy.path);
-    assert_eq!(modified(&again.path), written);
-    let other = dir.path().join("shop-model.gguf");
-    std::fs::copy(&src, &other).unwrap();
-    let first = requant::for_cpu(&other, dir.path()).unwrap().unwrap();
-    let first_written = modified(&first.path);
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&other)
-        .unwrap();
-    std::io::Write::write_all(&mut file, &[0u8; 32]).unwrap();
-    drop(file);
-    let remade = requant::for_cpu(&other, dir.path()).unwrap().unwrap();
-    assert_eq!(remade.path, first.path);
-    assert!(
-        modified(&remade.path) > first_written,
-        "a changed source is converted again"
-    );
 }
 
 #[tokio::test]
