@@ -95,12 +95,7 @@ impl MistralGenerator {
         let prefix = (options.prefix_cache > 0).then_some(options.prefix_cache);
         let started = std::time::Instant::now();
         let mut max_seqs = concurrency(options.max_concurrent, gpu);
-        let built = if gpu {
-            build(path, max_seqs, prefix, true).await
-        } else {
-            build(path, max_seqs, prefix, false).await
-        };
-        let (model, why) = match built {
+        let (model, why) = match build(path, max_seqs, prefix, gpu).await {
             Ok(model) => (model, placement.reason),
             Err(e) if gpu => {
                 let fallback: Placement<()> =
