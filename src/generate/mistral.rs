@@ -136,6 +136,63 @@ impl MistralGenerator {
     }
 }
 
+/// A GGUF model on the CPU with `f32` activations. mistral.rs' `GgufModelBuilder`
+/// always asks for its automatic dtype, which on a CPU is `f16`: every layer
+/// then converts its queries, keys and values to half precision and back, and
+/// attention reads an `f16` KV cache one scalar conversion at a time. The
+/// quantised weights are the same either way; the activations and the KV cache
+/// become `f32` (twice the bytes: ~46 KB per token of context for SmolLM2-135M,
+/// ~25 KB for Qwen2.5-0.5B). This is what `GgufModelBuilder::build` does, with
+/// the dtype chosen; BENCHMARKS.md has the difference.
+async fn gguf_on_cpu(
+    dir: &Path,
+    file: &str,
+    max_seqs: usize,
+    prefix: Option<usize>,
+) -> anyhow::Result<Model> {
+    use mistralrs::core::{
+        AddModelConfig, AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting,
+        EngineConfig, GGUFLoaderBuilder, GGUFSpecificConfig, ModelDType, SchedulerConfig,
+    };
+    let loader = GGUFLoaderBuilder::new(
+        None,
+        None,
+        dir.display().to_string(),
+        vec![file.to_string()],
+        GGUFSpecificConfig { topology: None },
+        false,
+        None,
+    )
+    .build();
+    let pipeline = loader.load_model_from_hf(
+        None,
+        TokenSource::None,
+        &ModelDType::F32,
+        &mistralrs::Device::Cpu,
+        true,
+        DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
+        None,
+        None,
+    )?;
+    let scheduler = SchedulerConfig::DefaultScheduler {
+        method: DefaultSchedulerMethod::Fixed(max_seqs.try_into()?),
+    };
+    let engine_config = EngineConfig {
+        no_prefix_cache: prefix.is_none(),
+        prefix_cache_n: prefix.unwrap_or(16),
+        ..EngineConfig::default()
+    };
+    let config = AddModelConfig {
+        engine_config,
+        mcp_client_config: None,
+        loader_config: None,
+    };
+    Ok(
+        mistralrs::model_builder_trait::build_model_from_pipeline(pipeline, scheduler, config)
+            .await,
+    )
+}
+
 /// Builds the mistral.rs model from a `.gguf` file or a model directory;
 /// the error is mistral.rs' own, in words. Loading runs on its own task so
 /// that a panic inside mistral.rs (its CUDA build, for one, panics when
@@ -158,14 +215,16 @@ async fn build(
                 .file_name()
                 .and_then(|f| f.to_str())
                 .ok_or_else(|| "the file name is not UTF-8".to_string())?;
-            let mut b = GgufModelBuilder::new(dir.display().to_string(), vec![file.to_string()])
-                .with_token_source(TokenSource::None)
-                .with_max_num_seqs(max_seqs)
-                .with_prefix_cache_n(prefix);
-            if !gpu {
-                b = b.with_force_cpu();
+            if gpu {
+                GgufModelBuilder::new(dir.display().to_string(), vec![file.to_string()])
+                    .with_token_source(TokenSource::None)
+                    .with_max_num_seqs(max_seqs)
+                    .with_prefix_cache_n(prefix)
+                    .build()
+                    .await
+            } else {
+                gguf_on_cpu(dir, file, max_seqs, prefix).await
             }
-            b.build().await
         } else {
             let mut b = TextModelBuilder::new(path.display().to_string())
                 .with_token_source(TokenSource::None)
