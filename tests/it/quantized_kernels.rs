@@ -1,6 +1,8 @@
 //! The quantised CPU matmul kefu's generator runs on (vendor/candle-core, see
-//! its KEFU.md): the AVX2 dot products for Q4_1, Q5_0 and Q5_1 and the banded
-//! matmul for several rows must give what candle's own scalar code gives.
+//! its KEFU.md): the AVX2 dot products for Q4_1, Q5_0 and Q5_1, the
+//! four-column kernels for Q4_1, Q5_0 and Q8_0, the banded matmul for several
+//! rows and the one-row matmul, on the calling thread or the pool, must give
+//! what candle's own scalar code gives.
 
 use candle_core::quantized::k_quants::{self, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
 use candle_core::quantized::GgmlType;
@@ -35,9 +37,11 @@ fn quantize<T: GgmlType>(xs: &[f32]) -> Vec<T> {
 /// a few rows, and more rows than fit one band, with a column count that
 /// leaves the last band short.
 fn matches_scalar<T: GgmlType>() {
-    let (k, n) = (256, 70);
-    let weights: Vec<T> = quantize(&values(n * k, 7));
-    for m in [1usize, 3, 40] {
+    // One row of 70 columns runs on the calling thread; one row of 2100
+    // columns is enough work to go to the thread pool in chunks.
+    let k = 256;
+    for (m, n) in [(1usize, 70usize), (3, 70), (40, 70), (1, 2100)] {
+        let weights: Vec<T> = quantize(&values(n * k, 7));
         let lhs = values(m * k, 11 + m as u64);
         let mut got = vec![0f32; m * n];
         k_quants::matmul((m, k, n), &lhs, &weights, &mut got).unwrap();

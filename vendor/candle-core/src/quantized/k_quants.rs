@@ -52,6 +52,26 @@ pub trait GgmlType: Sized + Clone + Send + Sync {
 
     /// Generic implementation of the dot product without simd optimizations.
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32;
+
+    /// kefu: the dot products of one row `ys` (n elements) with `dst.len()`
+    /// weight columns stored one after the other in `xs`. Types with a
+    /// several-columns kernel (see avx.rs) override it.
+    fn vec_dot_cols(n: usize, xs: &[Self], ys: &[Self::VecDotType], dst: &mut [f32]) {
+        vec_dot_each_col(n, xs, ys, dst)
+    }
+}
+
+/// kefu: `vec_dot_cols` one column at a time.
+pub fn vec_dot_each_col<T: GgmlType>(
+    n: usize,
+    xs: &[T],
+    ys: &[T::VecDotType],
+    dst: &mut [f32],
+) {
+    let k_blocks = n.div_ceil(T::BLCK_SIZE);
+    for (col, d) in dst.iter_mut().enumerate() {
+        *d = T::vec_dot(n, &xs[col * k_blocks..(col + 1) * k_blocks], ys);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -283,6 +303,14 @@ impl GgmlType for BlockQ4_1 {
         Self::vec_dot_unopt(n, xs, ys)
     }
 
+    #[allow(unreachable_code)]
+    fn vec_dot_cols(n: usize, xs: &[Self], ys: &[Self::VecDotType], dst: &mut [f32]) {
+        #[cfg(target_feature = "avx2")]
+        return super::avx::vec_dot_q4_1_q8_1_cols(xs, &ys[..n.div_ceil(Self::BLCK_SIZE)], dst);
+
+        vec_dot_each_col(n, xs, ys, dst)
+    }
+
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         // ggml_vec_dot_q4_1_q8_1
         let qk = QK8_1;
@@ -396,6 +424,14 @@ impl GgmlType for BlockQ5_0 {
         return super::avx::vec_dot_q5_0_q8_0(n, xs, ys);
 
         Self::vec_dot_unopt(n, xs, ys)
+    }
+
+    #[allow(unreachable_code)]
+    fn vec_dot_cols(n: usize, xs: &[Self], ys: &[Self::VecDotType], dst: &mut [f32]) {
+        #[cfg(target_feature = "avx2")]
+        return super::avx::vec_dot_q5_0_q8_0_cols(xs, &ys[..n.div_ceil(Self::BLCK_SIZE)], dst);
+
+        vec_dot_each_col(n, xs, ys, dst)
     }
 
     fn vec_dot_unopt(_n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
@@ -669,6 +705,14 @@ impl GgmlType for BlockQ8_0 {
         return super::simd128::vec_dot_q8_0_q8_0(n, xs, ys);
 
         Self::vec_dot_unopt(n, xs, ys)
+    }
+
+    #[allow(unreachable_code)]
+    fn vec_dot_cols(n: usize, xs: &[Self], ys: &[Self::VecDotType], dst: &mut [f32]) {
+        #[cfg(target_feature = "avx2")]
+        return super::avx::vec_dot_q8_0_q8_0_cols(xs, &ys[..n.div_ceil(Self::BLCK_SIZE)], dst);
+
+        vec_dot_each_col(n, xs, ys, dst)
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
@@ -2318,12 +2362,13 @@ pub fn matmul<T: GgmlType>(
             .into_par_iter()
             .map(|band| {
                 let cols = band * BAND..((band + 1) * BAND).min(n);
-                let mut out = Vec::with_capacity(m * cols.len());
-                for lhs_row in lhs_b.chunks_exact(k_in_blocks) {
-                    for col_idx in cols.clone() {
-                        let rhs_col = &rhs_t[col_idx * k_in_blocks..(col_idx + 1) * k_in_blocks];
-                        out.push(T::vec_dot(k, rhs_col, lhs_row));
-                    }
+                let rhs_band = &rhs_t[cols.start * k_in_blocks..cols.end * k_in_blocks];
+                let mut out = vec![0f32; m * cols.len()];
+                for (lhs_row, out) in lhs_b
+                    .chunks_exact(k_in_blocks)
+                    .zip(out.chunks_exact_mut(cols.len()))
+                {
+                    T::vec_dot_cols(k, rhs_band, lhs_row, out);
                 }
                 out
             })
@@ -2342,14 +2387,26 @@ pub fn matmul<T: GgmlType>(
         let lhs_row = &lhs_b[row_idx * k_in_blocks..(row_idx + 1) * k_in_blocks];
         let dst_row = &mut dst[row_idx * n..(row_idx + 1) * n];
 
+        // kefu: one column at a time. The four-column kernels, which win on
+        // weights in cache (the prompt bands above), made decoding slower end
+        // to end: here every weight streams from memory once per token.
+        // A small matrix (a small model's attention projections) is done
+        // sooner on the calling thread than handed to the pool: waking the
+        // workers and being woken costs more than the work (Q4_1 576x576 on
+        // kefu's 2-core machines: ~53 us here, ~64 us through the pool).
+        const SERIAL_MACS: usize = 1 << 19;
+        if k * n <= SERIAL_MACS {
+            vec_dot_each_col(k, rhs_t, lhs_row, dst_row);
+            continue;
+        }
+        const COLS: usize = 64;
         dst_row
-            .into_par_iter()
+            .par_chunks_mut(COLS)
             .enumerate()
-            .with_min_len(128)
-            .with_max_len(512)
-            .for_each(|(col_idx, dst)| {
-                let rhs_col = &rhs_t[col_idx * k_in_blocks..(col_idx + 1) * k_in_blocks];
-                *dst = T::vec_dot(k, rhs_col, lhs_row);
+            .for_each(|(chunk, dst)| {
+                let first = chunk * COLS;
+                let rhs = &rhs_t[first * k_in_blocks..(first + dst.len()) * k_in_blocks];
+                vec_dot_each_col(k, rhs, lhs_row, dst);
             });
     }
     Ok(())
