@@ -836,7 +836,17 @@ pub(crate) fn vec_dot_q4_1_q8_1_cols(xs: &[BlockQ4_1], ys: &[BlockQ8_1], dst: &m
     }
 }
 
-pub(crate) fn vec_dot_q5_0_q8_0_cols(xs: &[BlockQ5_0], ys: &[BlockQ8_0], dst: &mut [f32]) {
+/// Four columns at a time of a type whose blocks are 32 signed values and an f16
+/// scale against Q8_0 activations: `qx` forms a block's values as 32 bytes,
+/// `one` is the single-column kernel for the columns left over.
+#[inline(always)]
+fn vec_dot_x_q8_0_cols<T>(
+    xs: &[T],
+    ys: &[BlockQ8_0],
+    dst: &mut [f32],
+    qx: impl Fn(&T) -> __m256i,
+    one: impl Fn(usize, &[T], &[BlockQ8_0]) -> f32,
+) {
     let kb = ys.len();
     assert!(xs.len() >= dst.len() * kb);
     let four = dst.len() / 4 * 4;
@@ -849,12 +859,7 @@ pub(crate) fn vec_dot_q5_0_q8_0_cols(xs: &[BlockQ5_0], ys: &[BlockQ8_0], dst: &m
                 let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
                 let d = _mm_mul_ps(scales4(&x), _mm_set1_ps(f16::to_f32(y.d)));
                 for j in 0..4 {
-                    let qx = bytes_from_nibbles_32(x[j].qs.as_ptr());
-                    let hi = _mm256_andnot_si256(
-                        bytes_from_bits_32(&x[j].qh),
-                        _mm256_set1_epi8(0xF0u8 as i8),
-                    );
-                    let xy = mul_sum_i8_pairs_float(_mm256_or_si256(qx, hi), qy);
+                    let xy = mul_sum_i8_pairs_float(qx(x[j]), qy);
                     acc[j] = _mm256_fmadd_ps(lane(d, j), xy, acc[j]);
                 }
             }
@@ -862,32 +867,20 @@ pub(crate) fn vec_dot_q5_0_q8_0_cols(xs: &[BlockQ5_0], ys: &[BlockQ8_0], dst: &m
         }
     }
     for c in four..dst.len() {
-        dst[c] = vec_dot_q5_0_q8_0(kb * QK8_0, &xs[c * kb..(c + 1) * kb], ys);
+        dst[c] = one(kb * QK8_0, &xs[c * kb..(c + 1) * kb], ys);
     }
 }
 
+pub(crate) fn vec_dot_q5_0_q8_0_cols(xs: &[BlockQ5_0], ys: &[BlockQ8_0], dst: &mut [f32]) {
+    let qx = |x: &BlockQ5_0| unsafe {
+        let lo = bytes_from_nibbles_32(x.qs.as_ptr());
+        let hi = _mm256_andnot_si256(bytes_from_bits_32(&x.qh), _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(lo, hi)
+    };
+    vec_dot_x_q8_0_cols(xs, ys, dst, qx, vec_dot_q5_0_q8_0)
+}
+
 pub(crate) fn vec_dot_q8_0_q8_0_cols(xs: &[BlockQ8_0], ys: &[BlockQ8_0], dst: &mut [f32]) {
-    let kb = ys.len();
-    assert!(xs.len() >= dst.len() * kb);
-    let four = dst.len() / 4 * 4;
-    unsafe {
-        for c in (0..four).step_by(4) {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for b in 0..kb {
-                let y = ys.get_unchecked(b);
-                let x = blocks4(xs, kb, c, b);
-                let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-                let d = _mm_mul_ps(scales4(&x), _mm_set1_ps(f16::to_f32(y.d)));
-                for j in 0..4 {
-                    let qx = _mm256_loadu_si256(x[j].qs.as_ptr() as *const __m256i);
-                    let xy = mul_sum_i8_pairs_float(qx, qy);
-                    acc[j] = _mm256_fmadd_ps(lane(d, j), xy, acc[j]);
-                }
-            }
-            store4(&mut dst[c..c + 4], &acc, _mm_setzero_ps());
-        }
-    }
-    for c in four..dst.len() {
-        dst[c] = vec_dot_q8_0_q8_0(kb * QK8_0, &xs[c * kb..(c + 1) * kb], ys);
-    }
+    let qx = |x: &BlockQ8_0| unsafe { _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i) };
+    vec_dot_x_q8_0_cols(xs, ys, dst, qx, vec_dot_q8_0_q8_0)
 }

@@ -2383,32 +2383,32 @@ pub fn matmul<T: GgmlType>(
         return Ok(());
     }
 
-    for row_idx in 0..m {
-        let lhs_row = &lhs_b[row_idx * k_in_blocks..(row_idx + 1) * k_in_blocks];
-        let dst_row = &mut dst[row_idx * n..(row_idx + 1) * n];
-
-        // kefu: one column at a time. The four-column kernels, which win on
-        // weights in cache (the prompt bands above), made decoding slower end
-        // to end: here every weight streams from memory once per token.
-        // A small matrix (a small model's attention projections) is done
-        // sooner on the calling thread than handed to the pool: waking the
-        // workers and being woken costs more than the work (Q4_1 576x576 on
-        // kefu's 2-core machines: ~53 us here, ~64 us through the pool).
-        const SERIAL_MACS: usize = 1 << 19;
-        if k * n <= SERIAL_MACS {
-            vec_dot_each_col(k, rhs_t, lhs_row, dst_row);
-            continue;
-        }
-        const COLS: usize = 64;
-        dst_row
-            .par_chunks_mut(COLS)
-            .enumerate()
-            .for_each(|(chunk, dst)| {
-                let first = chunk * COLS;
-                let rhs = &rhs_t[first * k_in_blocks..(first + dst.len()) * k_in_blocks];
-                vec_dot_each_col(k, rhs, lhs_row, dst);
-            });
+    if m == 0 {
+        return Ok(());
     }
+    // kefu: one row (a decoded token), one column at a time. The four-column
+    // kernels, which win on weights in cache (the prompt bands above), made
+    // decoding slower end to end: here every weight streams from memory once
+    // per token.
+    let (lhs_row, dst_row) = (&lhs_b[..], &mut dst[..n]);
+    // A small matrix (a small model's attention projections) is done sooner on
+    // the calling thread than handed to the pool: waking the workers and being
+    // woken costs more than the work (Q4_1 576x576 on kefu's 2-core machines:
+    // ~53 us here, ~64 us through the pool).
+    const SERIAL_MACS: usize = 1 << 19;
+    if k * n <= SERIAL_MACS {
+        vec_dot_each_col(k, rhs_t, lhs_row, dst_row);
+        return Ok(());
+    }
+    const COLS: usize = 64;
+    dst_row
+        .par_chunks_mut(COLS)
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            let first = chunk * COLS;
+            let rhs = &rhs_t[first * k_in_blocks..(first + dst.len()) * k_in_blocks];
+            vec_dot_each_col(k, rhs, lhs_row, dst);
+        });
     Ok(())
 }
 
