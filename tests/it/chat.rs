@@ -156,7 +156,7 @@ async fn three_negative_turns_in_a_row_escalate() {
     let ch = &server.channel;
     let texts = [
         "快递太慢了，等了一个星期还没到",
-        "物流太慢了，差评",
+        "物流一直不更新，烦死了",
         // Negative order questions, not complaints (a complaint escalates
         // by its own rule before the streak is counted).
         "还没发货吗？太慢了",
