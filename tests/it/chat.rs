@@ -154,11 +154,11 @@ async fn asking_for_a_human_escalates_and_the_bot_then_stays_silent() {
 async fn three_negative_turns_in_a_row_escalate() {
     let server = serving(real_args()).await;
     let ch = &server.channel;
+    // Three negative order messages, none a complaint (a complaint escalates
+    // by its own rule before the streak is counted).
     let texts = [
         "快递太慢了，等了一个星期还没到",
         "物流一直不更新，烦死了",
-        // Negative order questions, not complaints (a complaint escalates
-        // by its own rule before the streak is counted).
         "还没发货吗？太慢了",
     ];
     let mut conv = String::new();
