@@ -203,11 +203,13 @@ async fn a_model_that_fails_to_load_stops_the_server_with_the_reason() {
 }
 
 /// Starts a server whose models must fail to load and returns the error it
-/// stops with.
+/// stops with. The models start loading only once the test is connected: a
+/// load that fails at once (a refused GPU) would otherwise stop the server
+/// before the connection is made.
 async fn load_failure(args: ServeArgs) -> String {
     let (open, gate) = oneshot::channel();
-    open.send(()).unwrap();
     let server = start(args, gate).await;
+    open.send(()).unwrap();
     let result = tokio::time::timeout(Duration::from_secs(30), server.handle)
         .await
         .expect("server gives up")
