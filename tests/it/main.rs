@@ -3,6 +3,7 @@
 //! on 127.0.0.1:0.
 
 mod agents;
+mod attention;
 mod chat;
 mod classifier;
 mod common;

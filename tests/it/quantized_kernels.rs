@@ -9,7 +9,7 @@ use candle_core::quantized::GgmlType;
 
 /// Deterministic values in [-1, 1) (xorshift), some blocks scaled up so the
 /// blocks' scales differ as they do in real weights.
-fn values(len: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn values(len: usize, seed: u64) -> Vec<f32> {
     let mut state = seed | 1;
     (0..len)
         .map(|i| {

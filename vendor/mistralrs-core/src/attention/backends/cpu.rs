@@ -10,31 +10,6 @@ use rayon::ThreadPool;
 use std::sync::LazyLock;
 use std::{f32, iter::Sum};
 
-// Optional hardware prefetch for ping‑pong style scheduling.
-#[cfg(target_arch = "x86_64")]
-use core::arch::x86_64::_mm_prefetch;
-
-// --- portable wrapper around architecture‑specific prefetch -------------
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn prefetch(addr: *const u8) {
-    _mm_prefetch(addr as *const i8, core::arch::x86_64::_MM_HINT_T0);
-}
-
-#[cfg(target_arch = "aarch64")]
-#[inline(always)]
-unsafe fn prefetch(addr: *const u8) {
-    core::arch::asm!(
-        "prfm pldl1keep, [{0}]",
-        in(reg) addr,
-        options(readonly, nostack, preserves_flags)
-    );
-}
-
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-#[inline(always)]
-unsafe fn prefetch(_addr: *const u8) {}
-// -----------------------------------------------------------------------
 
 use crate::attention::SdpaParams;
 
@@ -65,27 +40,44 @@ static FLASH_ATTN_POOL: LazyLock<ThreadPool> = LazyLock::new(|| {
         .expect("Failed to build custom Rayon thread‑pool for flash‑attention")
 });
 
-const DOT_CHUNK: usize = 4;
+/// Independent partial sums in `vec_dot_f32`: sixteen, which the compiler
+/// keeps in two SIMD registers (kefu: see vendor/mistralrs-core/KEFU.md).
+const DOT_LANES: usize = 16;
 
-/// Size (in KV positions) processed by each inner‑tile job.
-const TILE_KV: usize = 16;
+/// KV positions per task when decoding one token. A context up to this long is
+/// attended on the calling thread (a hand-off to the pool costs more than the
+/// work); a longer one is split into tasks of about this size.
+const DECODE_TILE_KV: usize = 256;
 
-/// Unrolled dot‑product that works purely in `f32`.
+/// Dot product in `f32` with `DOT_LANES` independent partial sums, so it runs
+/// as SIMD multiply-adds rather than one dependent chain of scalar adds.
 #[inline]
 fn vec_dot_f32<T: UpcastF32 + Copy>(a: &[T], b: &[T]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; DOT_LANES];
+    let mut a_chunks = a.chunks_exact(DOT_LANES);
+    let mut b_chunks = b.chunks_exact(DOT_LANES);
+    for (x, y) in (&mut a_chunks).zip(&mut b_chunks) {
+        let x: &[T; DOT_LANES] = x.try_into().unwrap();
+        let y: &[T; DOT_LANES] = y.try_into().unwrap();
+        for lane in 0..DOT_LANES {
+            acc[lane] += x[lane].to_f32() * y[lane].to_f32();
+        }
+    }
     let mut sum = 0f32;
-    let chunks = a.len() / DOT_CHUNK;
-    for i in 0..chunks {
-        let i_chunk = i * DOT_CHUNK;
-        sum += a[i_chunk].to_f32() * b[i_chunk].to_f32()
-            + a[i_chunk + 1].to_f32() * b[i_chunk + 1].to_f32()
-            + a[i_chunk + 2].to_f32() * b[i_chunk + 2].to_f32()
-            + a[i_chunk + 3].to_f32() * b[i_chunk + 3].to_f32();
+    for (x, y) in a_chunks.remainder().iter().zip(b_chunks.remainder()) {
+        sum += x.to_f32() * y.to_f32();
     }
-    for i in (chunks * DOT_CHUNK)..a.len() {
-        sum += a[i].to_f32() * b[i].to_f32();
+    sum + acc.iter().sum::<f32>()
+}
+
+/// `acc += w * x`, element by element, in `f32`.
+#[inline]
+fn axpy_f32<T: UpcastF32 + Copy>(acc: &mut [f32], x: &[T], w: f32) {
+    for (a, v) in acc.iter_mut().zip(x) {
+        *a += v.to_f32() * w;
     }
-    sum
 }
 
 #[inline]
@@ -219,13 +211,42 @@ struct MaskInfo<'a> {
 }
 
 impl<'a> MaskInfo<'a> {
+    /// The mask for one query row. Every layout `mask_offset` reads puts the
+    /// KV position last, clamped to its dimension, so the row is an offset
+    /// plus the clamped position and the layout is decoded once per row
+    /// instead of once per (query, key) pair.
     #[inline]
-    fn value(&self, b_i: usize, h_i: usize, q_pos: usize, kv_pos: usize) -> f32 {
-        if let Some(idx) = mask_offset(self.dims, self.b, self.h, b_i, h_i, q_pos, kv_pos) {
-            *self.data.get(idx).unwrap_or(&0.0)
-        } else {
-            0.0
+    fn row(&self, b_i: usize, h_i: usize, q_pos: usize) -> MaskRow<'a> {
+        match mask_offset(self.dims, self.b, self.h, b_i, h_i, q_pos, 0) {
+            Some(base) => MaskRow {
+                data: self.data,
+                base,
+                kv_dim: self.dims.last().copied().unwrap_or(1),
+            },
+            None => MaskRow {
+                data: self.data,
+                base: 0,
+                kv_dim: 0,
+            },
         }
+    }
+}
+
+/// One query row of the mask (see `MaskInfo::row`); `kv_dim` 0 masks nothing.
+struct MaskRow<'a> {
+    data: &'a [f32],
+    base: usize,
+    kv_dim: usize,
+}
+
+impl MaskRow<'_> {
+    #[inline]
+    fn value(&self, kv_pos: usize) -> f32 {
+        if self.kv_dim == 0 {
+            return 0.0;
+        }
+        let idx = self.base + kv_pos.min(self.kv_dim - 1);
+        self.data.get(idx).copied().unwrap_or(0.0)
     }
 }
 
@@ -379,9 +400,13 @@ where
     )
 }
 
-/// Optimised path for the common decode case: q_len == 1 but kv_len ≫ 1.
-/// All intermediate maths is done in `f32`; we down‑cast to `T` exactly once
-/// when writing the output buffer.
+/// Decoding: one query row per (batch, head) against the whole KV cache.
+///
+/// The KV positions are split into tiles (one on the calling thread for a
+/// context up to `DECODE_TILE_KV`, otherwise tasks on the pool). Each tile
+/// scores its positions with SIMD dot products, takes their maximum and sums
+/// the V rows weighted by `exp(score - max)`; the tiles are then merged on
+/// their maxima. All maths is `f32`; the output is cast to `T` once.
 #[allow(clippy::too_many_arguments)]
 fn flash_attn_cpu_single_q<T>(
     q_data: &[T],
@@ -404,176 +429,132 @@ where
 {
     let (b, _q_len, h, d) = (qshape[0], qshape[1], qshape[2], qshape[3]);
     let kv_len = kshape[1];
-    let kv_tiles = kv_len.div_ceil(TILE_KV);
     let dv = d;
-
-    // --- head tiling factors and softmax helper -----------------------
-    let k_h = kshape[2];
-    let v_h = vshape[2];
-    let rk2 = h / k_h;
-    let rv2 = h / v_h;
+    let rk2 = h / kshape[2];
+    let rv2 = h / vshape[2];
     let n2 = 2_usize.pow((h as f32).log2().ceil() as u32);
 
-    // final output
-    let mut out = vec![T::cast(0.0); b * h * dv];
-    // scratch: one tile  ×  heads ×  dv  (flattened)
-    let mut scratch = vec![0f32; kv_tiles * h * dv];
-    let mut scratch_s = vec![0f32; kv_tiles * h]; // softmax S per tile
-    let mut scratch_m = vec![f32::NEG_INFINITY; kv_tiles * h];
+    let kv_tiles = kv_len.div_ceil(DECODE_TILE_KV).max(1);
+    let tile_len = kv_len.div_ceil(kv_tiles);
+    let units = b * h;
 
-    // Store as plain usize so the capture is Sync (raw *mut T is not Sync)
-    let scratch_ptr = scratch.as_mut_ptr() as usize;
-    let scratch_s_ptr = scratch_s.as_mut_ptr() as usize;
-    let scratch_m_ptr = scratch_m.as_mut_ptr() as usize;
+    // Per tile and (batch, head): the weighted sum of V rows, the sum of the
+    // weights, and the maximum score the weights are relative to.
+    let mut acc = vec![0f32; kv_tiles * units * dv];
+    let mut sums = vec![0f32; kv_tiles * units];
+    let mut maxes = vec![f32::NEG_INFINITY; kv_tiles * units];
 
     let mask_info = match (mask_vec, mask_dims) {
         (Some(data), Some(dims)) => Some(MaskInfo { data, dims, b, h }),
         _ => None,
     };
 
-    FLASH_ATTN_POOL.install(|| {
-        (0..kv_tiles).into_par_iter().for_each(|tile_idx| {
-            let start = tile_idx * TILE_KV;
-            let end = (start + TILE_KV).min(kv_len);
-
-            for b_i in 0..b {
-                for h_i in 0..h {
-                    // Per‑head slope for ALiBi / NTK bias.
-                    let slope = if max_bias > 0.0 {
-                        2.0f32.powf(-max_bias * ((h_i + 1) as f32) / n2 as f32)
-                    } else {
-                        1.0
-                    };
-                    let k_head = h_i / rk2;
-                    let v_head = h_i / rv2;
-
-                    // pointers into scratch
-                    let base_vk = ((tile_idx * h + h_i) * dv) as isize;
-                    let base_s = (tile_idx * h + h_i) as isize;
-
-                    let q_base = b_i * qstride[0] + h_i * qstride[2];
-                    let q_row = &q_data[q_base..q_base + d];
-
-                    // Re‑materialise the pointer from the captured usize.
-                    let vkq: &mut [f32] = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            (scratch_ptr as *mut f32).add(base_vk as usize),
-                            dv,
-                        )
-                    };
-                    let mut s = 0f32;
-                    let mut m = f32::NEG_INFINITY;
-
-                    for kv_pos in start..end {
-                        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-                        {
-                            // One‑step look‑ahead prefetch of the next K and V rows.
-                            let next_pos = kv_pos + 1;
-                            if next_pos < end {
-                                let next_k_base =
-                                    b_i * kstride[0] + next_pos * kstride[1] + k_head * kstride[2];
-                                let next_v_base =
-                                    b_i * vstride[0] + next_pos * vstride[1] + v_head * vstride[2];
-                                unsafe {
-                                    prefetch(k_data.as_ptr().add(next_k_base) as *const u8);
-                                    prefetch(v_data.as_ptr().add(next_v_base) as *const u8);
-                                }
-                            }
-                        }
-                        // ---------- dot(Q,K) ----------
-                        let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
-                        let k_row = &k_data[k_base..k_base + d];
-
-                        let mut s_val = vec_dot_f32(q_row, k_row) * scale;
-
-                        if logit_softcap != 0.0 {
-                            s_val = logit_softcap * (s_val / logit_softcap).tanh();
-                        }
-                        let mask_delta = mask_info
-                            .as_ref()
-                            .map(|mask| slope * mask.value(b_i, h_i, 0, kv_pos))
-                            .unwrap_or(0.0);
-                        s_val += mask_delta;
-
-                        // -------- tile-local softmax ----------
-                        let m_old = m;
-                        let mut ms = 1.0;
-                        let mut vs = 1.0;
-                        if s_val > m {
-                            m = s_val;
-                            ms = (m_old - m).exp();
-                            for v in vkq.iter_mut() {
-                                *v *= ms;
-                            }
-                        } else {
-                            vs = (s_val - m).exp();
-                        }
-
-                        // -------- add V ----------
-                        let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                        for d_i in 0..dv {
-                            vkq[d_i] += v_data[v_base + d_i].to_f32() * vs;
-                        }
-
-                        s = s * ms + vs;
-                    }
-
-                    unsafe {
-                        *((scratch_s_ptr as *mut f32).add(base_s as usize)) = s;
-                        *((scratch_m_ptr as *mut f32).add(base_s as usize)) = m;
-                    }
-                }
-            }
-        });
-    });
-
-    // -------- serial reduction over tiles (per head) --------
-    for b_i in 0..b {
-        for h_i in 0..h {
-            let out_off = (b_i * h + h_i) * dv;
-
-            // start with tile 0
-            let mut vkq = vec![0f32; dv];
-            vkq.copy_from_slice(&scratch[(h_i * dv)..(h_i * dv + dv)]);
-            let mut s = scratch_s[h_i];
-            let mut m = scratch_m[h_i];
-
-            for tile_idx in 1..kv_tiles {
-                let base = (tile_idx * h + h_i) * dv;
-                let base_s = tile_idx * h + h_i;
-
-                let m_b = scratch_m[base_s];
-                let s_b = scratch_s[base_s];
-                let vkq_b = &scratch[base..base + dv];
-
-                if m >= m_b {
-                    let factor = (m_b - m).exp();
-                    for (v, v_b) in vkq.iter_mut().zip(vkq_b) {
-                        *v += v_b * factor;
-                    }
-                    s += s_b * factor;
+    let run_tile = |tile_idx: usize, acc: &mut [f32], sums: &mut [f32], maxes: &mut [f32]| {
+        let start = tile_idx * tile_len;
+        let end = (start + tile_len).min(kv_len);
+        let mut scores = vec![0f32; end.saturating_sub(start)];
+        for b_i in 0..b {
+            for h_i in 0..h {
+                let unit = b_i * h + h_i;
+                let slope = if max_bias > 0.0 {
+                    2.0f32.powf(-max_bias * ((h_i + 1) as f32) / n2 as f32)
                 } else {
-                    let factor = (m - m_b).exp();
-                    for (v, v_a) in vkq.iter_mut().zip(vkq_b) {
-                        *v = v_a + *v * factor;
-                    }
-                    s = s_b + s * factor;
-                    m = m_b;
-                }
-            }
+                    1.0
+                };
+                let k_head = h_i / rk2;
+                let v_head = h_i / rv2;
+                let q_base = b_i * qstride[0] + h_i * qstride[2];
+                let q_row = &q_data[q_base..q_base + d];
+                let mask = mask_info.as_ref().map(|mask| mask.row(b_i, h_i, 0));
 
-            let inv_s = 1.0 / s;
-            for (o, v) in out[out_off..][..dv].iter_mut().zip(vkq.iter()) {
-                *o = T::cast(*v * inv_s);
+                let mut m = f32::NEG_INFINITY;
+                for (score, kv_pos) in scores.iter_mut().zip(start..end) {
+                    let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
+                    let mut s = vec_dot_f32(q_row, &k_data[k_base..k_base + d]) * scale;
+                    if logit_softcap != 0.0 {
+                        s = logit_softcap * (s / logit_softcap).tanh();
+                    }
+                    if let Some(mask) = &mask {
+                        s += slope * mask.value(kv_pos);
+                    }
+                    *score = s;
+                    m = m.max(s);
+                }
+                if m == f32::NEG_INFINITY {
+                    // Every position in this tile is masked out.
+                    continue;
+                }
+
+                let out = &mut acc[unit * dv..(unit + 1) * dv];
+                let mut sum = 0f32;
+                for (score, kv_pos) in scores.iter().zip(start..end) {
+                    let w = (score - m).exp();
+                    if w == 0.0 {
+                        continue;
+                    }
+                    sum += w;
+                    let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
+                    axpy_f32(out, &v_data[v_base..v_base + dv], w);
+                }
+                sums[unit] = sum;
+                maxes[unit] = m;
             }
+        }
+    };
+
+    if kv_tiles == 1 {
+        run_tile(0, &mut acc, &mut sums, &mut maxes);
+    } else {
+        FLASH_ATTN_POOL.install(|| {
+            acc.par_chunks_mut(units * dv)
+                .zip(sums.par_chunks_mut(units))
+                .zip(maxes.par_chunks_mut(units))
+                .enumerate()
+                .for_each(|(tile_idx, ((acc, sums), maxes))| {
+                    run_tile(tile_idx, acc, sums, maxes)
+                });
+        });
+    }
+
+    // Merge the tiles per (batch, head), relative to the largest maximum.
+    let mut out = vec![T::cast(0.0); units * dv];
+    let mut vkq = vec![0f32; dv];
+    for unit in 0..units {
+        let m = (0..kv_tiles)
+            .map(|t| maxes[t * units + unit])
+            .fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            // Nothing to attend to: the output stays zero.
+            continue;
+        }
+        vkq.fill(0.0);
+        let mut s = 0f32;
+        for t in 0..kv_tiles {
+            let m_t = maxes[t * units + unit];
+            if m_t == f32::NEG_INFINITY {
+                continue;
+            }
+            let factor = (m_t - m).exp();
+            s += sums[t * units + unit] * factor;
+            axpy_f32(
+                &mut vkq,
+                &acc[(t * units + unit) * dv..(t * units + unit + 1) * dv],
+                factor,
+            );
+        }
+        let inv_s = 1.0 / s;
+        for (o, v) in out[unit * dv..(unit + 1) * dv].iter_mut().zip(&vkq) {
+            *o = T::cast(*v * inv_s);
         }
     }
 
     Tensor::from_vec(out, (b, h, 1, dv), &Device::Cpu)
 }
 
-/// Main forward flash-attention CPU routine.
-/// Shapes follow Candle convention: (B, S, H, D)
+/// A prompt: several query rows per (batch, head), one pool task per group of
+/// rows. Each row scores every unmasked KV position with SIMD dot products,
+/// then sums the V rows weighted by `exp(score - max)`. Shapes follow candle's
+/// convention: (B, S, H, D).
 #[allow(clippy::too_many_arguments)]
 fn flash_attn_cpu<T>(
     q_data: &[T],
@@ -596,10 +577,8 @@ where
 {
     let (b, q_len, h, d) = (qshape[0], qshape[1], qshape[2], qshape[3]);
     let kv_len = kshape[1];
-    let k_h = kshape[2];
-    let v_h = vshape[2];
-    let rk2 = h / k_h;
-    let rv2 = h / v_h;
+    let rk2 = h / kshape[2];
+    let rv2 = h / vshape[2];
     let dv = d;
 
     let n2 = 2_usize.pow((h as f32).log2().ceil() as u32);
@@ -615,106 +594,80 @@ where
         _ => None,
     };
 
+    let scale_applied = if logit_softcap != 0.0 {
+        scale / logit_softcap
+    } else {
+        scale
+    };
+
     FLASH_ATTN_POOL.install(|| {
         out.par_chunks_mut(dv)
             .with_min_len(64)
             .enumerate()
-            .for_each(|(row_idx, out_chunk)| {
-                // Decode flat index back to (batch, head, q_pos)
-                let rows_per_batch = h * q_len;
-                let b_i = row_idx / rows_per_batch;
-                let rem = row_idx % rows_per_batch;
-                let h_i = rem / q_len;
-                let q_pos = rem % q_len;
+            .for_each_init(
+                || (vec![0f32; kv_len], vec![0f32; dv]),
+                |(scores, vkq), (row_idx, out_chunk)| {
+                    // Decode flat index back to (batch, head, q_pos)
+                    let rows_per_batch = h * q_len;
+                    let b_i = row_idx / rows_per_batch;
+                    let rem = row_idx % rows_per_batch;
+                    let h_i = rem / q_len;
+                    let q_pos = rem % q_len;
 
-                let slope = if max_bias > 0.0 {
-                    2.0f32.powf(-max_bias * ((h_i + 1) as f32) / n2 as f32)
-                } else {
-                    1.0
-                };
-
-                let k_head = h_i / rk2;
-                let v_head = h_i / rv2;
-
-                let mut vkq = vec![0f32; dv];
-                let mut s = 0.0f32;
-                let mut m = f32::NEG_INFINITY;
-
-                // Q row
-                let q_base = b_i * qstride[0] + q_pos * qstride[1] + h_i * qstride[2];
-                let q_row = &q_data[q_base..q_base + d];
-
-                for kv_pos in 0..kv_len {
-                    // -------- ping‑pong prefetch of next KV row --------
-                    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-                    {
-                        let next_pos = kv_pos + 1;
-                        if next_pos < kv_len {
-                            let next_k_base =
-                                b_i * kstride[0] + next_pos * kstride[1] + k_head * kstride[2];
-                            let next_v_base =
-                                b_i * vstride[0] + next_pos * vstride[1] + v_head * vstride[2];
-                            unsafe {
-                                prefetch(k_data.as_ptr().add(next_k_base) as *const u8);
-                                prefetch(v_data.as_ptr().add(next_v_base) as *const u8);
-                            }
-                        }
-                    }
-                    // ----------------------------------------------------
-                    // Mask (optional)
-                    let mv = mask_info
-                        .as_ref()
-                        .map(|mask| slope * mask.value(b_i, h_i, q_pos, kv_pos))
-                        .unwrap_or(0.0);
-                    if mv == f32::NEG_INFINITY {
-                        continue;
-                    }
-
-                    // K row
-                    let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
-                    let k_row = &k_data[k_base..k_base + d];
-
-                    // dot(Q, K)
-                    let mut s_val = vec_dot_f32(q_row, k_row);
-                    let mut scale_applied = scale;
-                    if logit_softcap != 0.0 {
-                        scale_applied /= logit_softcap;
-                    }
-                    s_val *= scale_applied;
-                    if logit_softcap != 0.0 {
-                        s_val = logit_softcap * s_val.tanh();
-                    }
-                    s_val += mv;
-
-                    // online softmax
-                    let m_old = m;
-                    let mut ms = 1.0f32;
-                    let mut vs = 1.0f32;
-                    if s_val > m {
-                        m = s_val;
-                        ms = (m_old - m).exp();
-                        for v in vkq.iter_mut() {
-                            *v *= ms;
-                        }
+                    let slope = if max_bias > 0.0 {
+                        2.0f32.powf(-max_bias * ((h_i + 1) as f32) / n2 as f32)
                     } else {
-                        vs = (s_val - m).exp();
+                        1.0
+                    };
+
+                    let k_head = h_i / rk2;
+                    let v_head = h_i / rv2;
+                    let q_base = b_i * qstride[0] + q_pos * qstride[1] + h_i * qstride[2];
+                    let q_row = &q_data[q_base..q_base + d];
+                    let mask = mask_info.as_ref().map(|mask| mask.row(b_i, h_i, q_pos));
+
+                    let mut m = f32::NEG_INFINITY;
+                    for (kv_pos, score) in scores.iter_mut().enumerate() {
+                        let mv = mask
+                            .as_ref()
+                            .map(|mask| slope * mask.value(kv_pos))
+                            .unwrap_or(0.0);
+                        if mv == f32::NEG_INFINITY {
+                            *score = f32::NEG_INFINITY;
+                            continue;
+                        }
+                        let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
+                        let mut s = vec_dot_f32(q_row, &k_data[k_base..k_base + d]) * scale_applied;
+                        if logit_softcap != 0.0 {
+                            s = logit_softcap * s.tanh();
+                        }
+                        s += mv;
+                        *score = s;
+                        m = m.max(s);
                     }
 
-                    // V row (strided) as f32
-                    let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                    for d_i in 0..dv {
-                        vkq[d_i] += v_data[v_base + d_i].to_f32() * vs;
+                    if m == f32::NEG_INFINITY {
+                        // Every position is masked out: the row stays zero.
+                        return;
+                    }
+                    vkq.fill(0.0);
+                    let mut sum = 0f32;
+                    for (kv_pos, score) in scores.iter().enumerate() {
+                        let w = (score - m).exp();
+                        if w == 0.0 {
+                            continue;
+                        }
+                        sum += w;
+                        let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
+                        axpy_f32(vkq, &v_data[v_base..v_base + dv], w);
                     }
 
-                    s = s * ms + vs;
-                }
-
-                // final normalisation + downcast
-                let inv_s = 1.0 / s;
-                for (o, v) in out_chunk.iter_mut().zip(vkq.iter()) {
-                    *o = T::cast(*v * inv_s);
-                }
-            });
+                    let inv_s = 1.0 / sum;
+                    for (o, v) in out_chunk.iter_mut().zip(vkq.iter()) {
+                        *o = T::cast(*v * inv_s);
+                    }
+                },
+            );
     });
 
     let out_shape = (b, h, q_len, dv);
