@@ -10,7 +10,6 @@ use rayon::ThreadPool;
 use std::sync::LazyLock;
 use std::{f32, iter::Sum};
 
-
 use crate::attention::SdpaParams;
 
 #[cfg(target_os = "macos")]
@@ -510,9 +509,7 @@ where
                 .zip(sums.par_chunks_mut(units))
                 .zip(maxes.par_chunks_mut(units))
                 .enumerate()
-                .for_each(|(tile_idx, ((acc, sums), maxes))| {
-                    run_tile(tile_idx, acc, sums, maxes)
-                });
+                .for_each(|(tile_idx, ((acc, sums), maxes))| run_tile(tile_idx, acc, sums, maxes));
         });
     }
 
