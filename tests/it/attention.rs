@@ -126,9 +126,9 @@ fn decoding_a_batch_keeps_each_sequence_apart() {
 
 #[test]
 fn a_prompt_under_a_causal_mask_matches_plain_attention() {
-    // A whole prompt (37 tokens, the mask mistral.rs builds: query by key, -inf
-    // above the diagonal), then 5 tokens after 40 cached ones with a mask per
-    // sequence and head.
+    // A whole prompt (37 tokens), then 5 tokens after 40 cached ones; each with
+    // the mask mistral.rs builds (query by key, -inf above the diagonal) and
+    // the same mask as a 4-D (batch, head, query, key) tensor.
     for (past, len) in [(0, 37), (40, 5)] {
         let kv_len = past + len;
         let q = tensor((1, HEADS, len, HEAD_DIM), 51);
