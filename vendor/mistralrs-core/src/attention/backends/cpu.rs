@@ -79,6 +79,28 @@ fn axpy_f32<T: UpcastF32 + Copy>(acc: &mut [f32], x: &[T], w: f32) {
     }
 }
 
+/// Adds each `v_row(j)` weighted by `exp(scores[j] - max)` into `acc` and
+/// returns the sum of the weights. Weights that underflow to zero (masked
+/// positions) are skipped.
+#[inline]
+fn softmax_weighted_sum<'v, T: UpcastF32 + Copy + 'v>(
+    scores: &[f32],
+    max: f32,
+    acc: &mut [f32],
+    v_row: impl Fn(usize) -> &'v [T],
+) -> f32 {
+    let mut sum = 0f32;
+    for (j, score) in scores.iter().enumerate() {
+        let w = (score - max).exp();
+        if w == 0.0 {
+            continue;
+        }
+        sum += w;
+        axpy_f32(acc, v_row(j), w);
+    }
+    sum
+}
+
 #[inline]
 fn clamp_index(idx: usize, dim: usize) -> usize {
     if dim == 0 {
@@ -485,17 +507,10 @@ where
                 }
 
                 let out = &mut acc[unit * dv..(unit + 1) * dv];
-                let mut sum = 0f32;
-                for (score, kv_pos) in scores.iter().zip(start..end) {
-                    let w = (score - m).exp();
-                    if w == 0.0 {
-                        continue;
-                    }
-                    sum += w;
-                    let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                    axpy_f32(out, &v_data[v_base..v_base + dv], w);
-                }
-                sums[unit] = sum;
+                sums[unit] = softmax_weighted_sum(&scores, m, out, |j| {
+                    let v_base = b_i * vstride[0] + (start + j) * vstride[1] + v_head * vstride[2];
+                    &v_data[v_base..v_base + dv]
+                });
                 maxes[unit] = m;
             }
         }
@@ -648,16 +663,10 @@ where
                         return;
                     }
                     vkq.fill(0.0);
-                    let mut sum = 0f32;
-                    for (kv_pos, score) in scores.iter().enumerate() {
-                        let w = (score - m).exp();
-                        if w == 0.0 {
-                            continue;
-                        }
-                        sum += w;
+                    let sum = softmax_weighted_sum(scores, m, vkq, |kv_pos| {
                         let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                        axpy_f32(vkq, &v_data[v_base..v_base + dv], w);
-                    }
+                        &v_data[v_base..v_base + dv]
+                    });
 
                     let inv_s = 1.0 / sum;
                     for (o, v) in out_chunk.iter_mut().zip(vkq.iter()) {
