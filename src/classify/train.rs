@@ -371,6 +371,7 @@ impl Steps {
         run: &RunOptions,
         examples: usize,
     ) -> Result<Self, Error> {
+        keep_freed_buffers();
         let mut total = examples.div_ceil(run.batch_size) * run.epochs;
         if let Some(max) = run.max_steps {
             total = total.min(max);
@@ -431,6 +432,38 @@ impl Steps {
     pub(crate) fn finish(self) -> (usize, Vec<f32>) {
         self.progress.finish();
         (self.step, self.losses)
+    }
+}
+
+/// Lets a training loop reuse its buffers instead of faulting them in anew
+/// every step.
+///
+/// candle gives every op's output (and every gradient) a fresh `Vec`, so a
+/// step allocates and frees the same few-megabyte buffers dozens of times:
+/// the embedding table's gradient and Adam moments alone are 10.8 MB each
+/// with bert-base-chinese's vocabulary. glibc's malloc serves large blocks
+/// with their own `mmap` and hands the freed top of a heap back to the
+/// system, so each of those buffers was page-faulted and zeroed by the
+/// kernel again on every use: a third of a training step's time was in the
+/// kernel (`perf`: `clear_page_erms` under `unary_map`/`binary_map`).
+/// Serving blocks up to 32 MiB (glibc's maximum) from the heap and keeping
+/// up to 1 GiB of freed memory there made steps 1.7x faster for the default
+/// sentiment recipe on one core, with the same peak memory. Both settings are
+/// needed: either alone still leaves most of the faults. Process-wide and
+/// harmless outside training; other allocators than glibc's are left alone.
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only sets malloc's tuning parameters, under
+            // malloc's own lock; no memory is touched.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+                libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+            }
+        });
     }
 }
 
