@@ -10,6 +10,7 @@ use candle_nn::{VarBuilder, VarMap};
 use tokenizers::Tokenizer;
 
 use super::bert::{BertConfig, BertForSequenceClassification};
+use super::rng::Rng;
 use super::{tokenizer, Error};
 
 /// A loaded classifier checkpoint: model, tokenizer and labels.
@@ -94,14 +95,42 @@ pub struct Trainable {
     pub model: BertForSequenceClassification,
 }
 
+/// Draws every weight that BERT initialises at random (dense layers and
+/// embedding tables: `*.weight` outside LayerNorm) from N(0, `std`) with
+/// kefu's own generator, so `--seed` fixes a fresh model exactly. candle
+/// cannot seed its CPU generator, so without this two runs with the same seed
+/// started from different weights and ended up different models. Each
+/// weight's values depend only on the seed and its name, not on which other
+/// weights the model has. Biases and LayerNorm keep their constant start.
+pub(crate) fn seed_weights(varmap: &VarMap, std: f64, seed: u64) -> Result<(), Error> {
+    let vars = varmap.data().lock().expect("varmap lock poisoned").clone();
+    for (name, var) in vars {
+        if !name.ends_with(".weight") || name.contains("LayerNorm") {
+            continue;
+        }
+        // FNV-1a of the name, mixed into the seed.
+        let salt = name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01B3)
+        });
+        let mut rng = Rng::new(seed ^ salt);
+        let values: Vec<f32> = (0..var.elem_count())
+            .map(|_| rng.next_normal() * std as f32)
+            .collect();
+        let t = Tensor::from_vec(values, var.shape(), var.device()).map_err(Error::Candle)?;
+        var.set(&t).map_err(Error::Candle)?;
+    }
+    Ok(())
+}
+
 impl Trainable {
     /// A fresh model with BERT's initialisation.
-    pub fn fresh(config: BertConfig, device: &Device) -> Result<Self, Error> {
+    pub fn fresh(config: BertConfig, device: &Device, seed: u64) -> Result<Self, Error> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let labels = config.labels().unwrap_or_default().len();
         let model =
             BertForSequenceClassification::load(vb, &config, labels).map_err(Error::Candle)?;
+        seed_weights(&varmap, config.initializer_range, seed)?;
         Ok(Self {
             config,
             varmap,
@@ -116,11 +145,12 @@ impl Trainable {
         dir: &Path,
         labels: &[String],
         device: &Device,
+        seed: u64,
     ) -> Result<(Self, Vec<String>), Error> {
         let mut config = read_config(dir)?;
         let same_labels = config.labels().as_deref() == Some(labels);
         config.set_labels(labels);
-        let this = Self::fresh(config, device)?;
+        let this = Self::fresh(config, device, seed)?;
         let path = weights_file(dir)?;
         let tensors = read_weights(&path, device)?;
         let mut fresh = Vec::new();

@@ -14,7 +14,7 @@ use candle_nn::{VarBuilder, VarMap};
 use tokenizers::Tokenizer;
 
 use super::bert::{batch_tensors, BertConfig, BertForMaskedLM};
-use super::checkpoint::save_hf;
+use super::checkpoint::{save_hf, seed_weights};
 use super::rng::Rng;
 use super::train::{
     build_vocab, tokenizer_set_max, write_atomically, FreshModel, RunOptions, Steps,
@@ -271,6 +271,7 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport, Error> {
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
         &config,
     )?;
+    seed_weights(&varmap, config.initializer_range, opts.run.seed)?;
 
     let encode = |texts: &[String]| -> Result<Vec<Vec<u32>>, Error> {
         texts

@@ -25,6 +25,14 @@ impl Rng {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
+    /// Standard normal (Box-Muller).
+    pub fn next_normal(&mut self) -> f32 {
+        // 1 - u is in (0, 1], so the logarithm is finite.
+        let u = 1.0 - (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let v = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+    }
+
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
             let j = (self.next_u64() % (i as u64 + 1)) as usize;

@@ -236,12 +236,18 @@ impl Optimiser {
         warmup_ratio: f64,
     ) -> Result<Self, Error> {
         type Named = Vec<(String, Var)>;
-        let (decay, no_decay): (Named, Named) = varmap
+        let mut named: Named = varmap
             .data()
             .lock()
             .expect("varmap lock poisoned")
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // In name order, so the gradient norm is summed the same way in
+        // every run (a HashMap's order differs from process to process).
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let (decay, no_decay): (Named, Named) = named
+            .into_iter()
             .partition(|(k, _)| !(k.ends_with("bias") || k.contains("LayerNorm")));
         let vars: Vec<Var> = decay
             .iter()
@@ -515,7 +521,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
 
     let (trainable, mut tok, fresh_head) = match &opts.init {
         Init::Pretrained(dir) => {
-            let (t, fresh) = Trainable::from_pretrained(dir, &task_labels, &device)?;
+            let (t, fresh) = Trainable::from_pretrained(dir, &task_labels, &device, opts.run.seed)?;
             let max_len = opts.run.max_len.min(t.config.max_position_embeddings);
             let tok = tokenizer::load(dir, max_len)?;
             (t, tok, fresh)
@@ -548,7 +554,11 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
                 &task_labels,
             );
             config.validate().map_err(Error::Invalid)?;
-            (Trainable::fresh(config, &device)?, tok, Vec::new())
+            (
+                Trainable::fresh(config, &device, opts.run.seed)?,
+                tok,
+                Vec::new(),
+            )
         }
     };
     // Truncate to what the model's position table holds.
