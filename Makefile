@@ -59,7 +59,7 @@ train-sentiment: models data
 	  --out models/sentiment
 
 # Masked-LM pretraining on the training splits' text (reviews, chat lines,
-# intent messages; never a test file): ~25 min on 2 cores. The intent model
+# intent messages; never a test file): ~20 min on one core. The intent model
 # is fine-tuned from it.
 pretrain: models data
 	$(KEFU) pretrain --vocab models/bert-base-chinese/vocab.txt \
