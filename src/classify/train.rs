@@ -453,10 +453,13 @@ impl Steps {
 /// kernel again on every use: a third of a training step's time was in the
 /// kernel (`perf`: `clear_page_erms` under `unary_map`/`binary_map`).
 /// Serving blocks up to 32 MiB (glibc's maximum) from the heap and keeping
-/// up to 1 GiB of freed memory there made steps 1.7x faster for the default
-/// sentiment recipe on one core, with the same peak memory. Both settings are
-/// needed: either alone still leaves most of the faults. Process-wide and
-/// harmless outside training; other allocators than glibc's are left alone.
+/// up to 1 GiB of freed memory there made the default sentiment and intent
+/// recipes 1.5x and 2.4x faster on one core, with the same peak memory
+/// (BENCHMARKS.md, "Training speed"). Both settings are needed: either
+/// alone still leaves most of the faults. They are process-wide, so a
+/// process that has trained keeps up to 1 GiB of freed memory for reuse
+/// (kefu's server never trains); other allocators than glibc's are left
+/// alone.
 fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
