@@ -102,10 +102,16 @@ pub struct Trainable {
 /// started from different weights and ended up different models. Each
 /// weight's values depend only on the seed and its name, not on which other
 /// weights the model has. Biases and LayerNorm keep their constant start.
-pub(crate) fn seed_weights(varmap: &VarMap, std: f64, seed: u64) -> Result<(), Error> {
+/// Only the weights `pick` accepts are drawn.
+pub(crate) fn seed_weights(
+    varmap: &VarMap,
+    std: f64,
+    seed: u64,
+    pick: impl Fn(&str) -> bool,
+) -> Result<(), Error> {
     let vars = varmap.data().lock().expect("varmap lock poisoned").clone();
     for (name, var) in vars {
-        if !name.ends_with(".weight") || name.contains("LayerNorm") {
+        if !name.ends_with(".weight") || name.contains("LayerNorm") || !pick(&name) {
             continue;
         }
         // FNV-1a of the name, mixed into the seed.
@@ -125,12 +131,18 @@ pub(crate) fn seed_weights(varmap: &VarMap, std: f64, seed: u64) -> Result<(), E
 impl Trainable {
     /// A fresh model with BERT's initialisation.
     pub fn fresh(config: BertConfig, device: &Device, seed: u64) -> Result<Self, Error> {
+        let this = Self::unseeded(config, device)?;
+        seed_weights(&this.varmap, this.config.initializer_range, seed, |_| true)?;
+        Ok(this)
+    }
+
+    /// The model with candle's (unseedable) random start.
+    fn unseeded(config: BertConfig, device: &Device) -> Result<Self, Error> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let labels = config.labels().unwrap_or_default().len();
         let model =
             BertForSequenceClassification::load(vb, &config, labels).map_err(Error::Candle)?;
-        seed_weights(&varmap, config.initializer_range, seed)?;
         Ok(Self {
             config,
             varmap,
@@ -150,7 +162,7 @@ impl Trainable {
         let mut config = read_config(dir)?;
         let same_labels = config.labels().as_deref() == Some(labels);
         config.set_labels(labels);
-        let this = Self::fresh(config, device, seed)?;
+        let this = Self::unseeded(config, device)?;
         let path = weights_file(dir)?;
         let tensors = read_weights(&path, device)?;
         let mut fresh = Vec::new();
@@ -187,6 +199,10 @@ impl Trainable {
             }
         }
         fresh.sort();
+        // Only what the checkpoint did not have is drawn from the seed.
+        seed_weights(&this.varmap, this.config.initializer_range, seed, |n| {
+            fresh.iter().any(|f| f == n)
+        })?;
         Ok((this, fresh))
     }
 

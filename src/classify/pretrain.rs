@@ -271,7 +271,7 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport, Error> {
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
         &config,
     )?;
-    seed_weights(&varmap, config.initializer_range, opts.run.seed)?;
+    seed_weights(&varmap, config.initializer_range, opts.run.seed, |_| true)?;
 
     let encode = |texts: &[String]| -> Result<Vec<Vec<u32>>, Error> {
         texts

@@ -194,6 +194,9 @@ fn the_same_seed_trains_the_same_model() {
     // A fresh model: every weight, shuffle and dropout mask follows the seed.
     let first = losses(tiny(), 7, "a");
     assert_eq!(first, losses(tiny(), 7, "b"), "same seed, same steps");
+    let weights =
+        |out: &str| std::fs::read(dir.path().join(out).join("model.safetensors")).unwrap();
+    assert!(weights("a") == weights("b"), "same seed, same checkpoint");
     assert_ne!(first, losses(tiny(), 8, "c"), "another seed, other steps");
     // Fine-tuning with a new head: the head is drawn from the seed too.
     let tuned = losses(Init::Pretrained(fixture("tiny-bert")), 7, "d");
