@@ -196,6 +196,11 @@ pub struct RunArgs {
     /// Save weights in f16: half the size, logits within ~1e-3.
     #[arg(long)]
     pub half: bool,
+    /// Pick and save an exponential moving average of the weights, with
+    /// this decay per step (e.g. 0.999: about the last 1,000 steps), instead
+    /// of the weights at the end of each epoch.
+    #[arg(long, value_name = "DECAY")]
+    pub average: Option<f64>,
     /// Print the training report as JSON on stdout at the end.
     #[arg(long)]
     pub json: bool,
@@ -213,6 +218,7 @@ impl RunArgs {
             max_len: self.max_seq_len,
             max_steps: self.max_steps,
             half: self.half,
+            average: self.average,
             progress: true,
         }
     }

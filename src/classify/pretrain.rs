@@ -314,19 +314,30 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport, Error> {
         let Some(mean) = steps.end_epoch() else {
             break;
         };
-        let acc = dev_accuracy(&model, &dev_ids, opts, tokens, pad_id, &device)?;
+        let best_so_far = report.best_dev_accuracy;
+        let (acc, best) = steps.with_kept_weights(|| {
+            let acc = dev_accuracy(&model, &dev_ids, opts, tokens, pad_id, &device)?;
+            let best = acc > best_so_far;
+            if best {
+                write_atomically(&opts.out, |tmp| {
+                    save_hf(tmp, &config, &varmap, &tok, opts.run.half)
+                })?;
+            }
+            Ok((acc, best))
+        })?;
         report.epoch_losses.push(mean);
-        let best = acc > report.best_dev_accuracy;
         steps.println(format!(
-            "epoch {epoch}: mlm loss {mean:.4}, dev masked-token accuracy {acc:.4}{}",
+            "epoch {epoch}: mlm loss {mean:.4}, dev masked-token accuracy {acc:.4}{}{}",
+            if steps.averages() {
+                " (averaged weights)"
+            } else {
+                ""
+            },
             if best { " (best so far, saved)" } else { "" }
         ));
         if best {
             report.best_dev_accuracy = acc;
             report.best_epoch = epoch;
-            write_atomically(&opts.out, |tmp| {
-                save_hf(tmp, &config, &varmap, &tok, opts.run.half)
-            })?;
         }
         if steps.done() {
             break;

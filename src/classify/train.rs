@@ -66,6 +66,9 @@ pub struct RunOptions {
     pub max_steps: Option<usize>,
     /// Store weights in f16 (half the size; logits agree to ~1e-3).
     pub half: bool,
+    /// Evaluate and save an exponential moving average of the weights with
+    /// this decay per step (e.g. 0.999) instead of the weights themselves.
+    pub average: Option<f64>,
     pub progress: bool,
 }
 
@@ -361,6 +364,7 @@ impl Progress {
 /// step's loss, the epoch's mean and the progress display.
 pub(crate) struct Steps {
     optimiser: Optimiser,
+    average: Option<WeightAverage>,
     progress: Progress,
     step: usize,
     total: usize,
@@ -382,14 +386,27 @@ impl Steps {
         if let Some(max) = run.max_steps {
             total = total.min(max);
         }
+        let optimiser = Optimiser::new(
+            varmap,
+            run.learning_rate,
+            run.weight_decay,
+            total,
+            run.warmup_ratio,
+        )?;
+        let average = match run.average {
+            Some(decay) if (0.0..1.0).contains(&decay) => {
+                Some(WeightAverage::new(&optimiser.vars, decay)?)
+            }
+            Some(decay) => {
+                return Err(Error::Invalid(format!(
+                    "--average {decay}: the decay must be at least 0 and below 1"
+                )))
+            }
+            None => None,
+        };
         Ok(Self {
-            optimiser: Optimiser::new(
-                varmap,
-                run.learning_rate,
-                run.weight_decay,
-                total,
-                run.warmup_ratio,
-            )?,
+            optimiser,
+            average,
             progress: Progress::new(total, run.progress),
             step: 0,
             total,
@@ -400,6 +417,11 @@ impl Steps {
         })
     }
 
+    /// Whether dev evaluations and saves see averaged weights.
+    pub(crate) fn averages(&self) -> bool {
+        self.average.is_some()
+    }
+
     /// Whether the run has taken all its steps.
     pub(crate) fn done(&self) -> bool {
         self.step >= self.total
@@ -408,6 +430,9 @@ impl Steps {
     /// One optimiser step on `loss` (named `what` in the progress line).
     pub(crate) fn take(&mut self, loss: &Tensor, epoch: usize, what: &str) -> Result<(), Error> {
         let (lr, value) = self.optimiser.step(loss, self.step)?;
+        if let Some(average) = &mut self.average {
+            average.update()?;
+        }
         self.step += 1;
         self.epoch_steps += 1;
         self.epoch_loss += value as f64;
@@ -421,6 +446,18 @@ impl Steps {
             format!("epoch {epoch}  {what} {e:.4}  lr {lr:.2e}"),
         );
         Ok(())
+    }
+
+    /// Runs `f` (a dev evaluation, a save) on the weights the run keeps: the
+    /// moving average when the run averages, else the weights as they are.
+    pub(crate) fn with_kept_weights<T>(
+        &self,
+        f: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        match &self.average {
+            Some(average) => average.swapped_in(f),
+            None => f(),
+        }
     }
 
     /// The mean loss of the epoch just finished; `None` when it took no step.
@@ -438,6 +475,66 @@ impl Steps {
     pub(crate) fn finish(self) -> (usize, Vec<f32>) {
         self.progress.finish();
         (self.step, self.losses)
+    }
+}
+
+/// An exponential moving average of every trained weight (Polyak
+/// averaging), updated after each optimiser step. The average moves less
+/// from batch to batch than the weights do, so the epoch picked by dev
+/// accuracy is less often a lucky spike. As in timm's `ModelEmaV2`, the decay
+/// starts low and rises to its set value ((1 + t) / (10 + t) at update t),
+/// so the starting weights are soon forgotten.
+struct WeightAverage {
+    decay: f64,
+    updates: usize,
+    vars: Vec<Var>,
+    shadow: Vec<Tensor>,
+}
+
+impl WeightAverage {
+    fn new(vars: &[Var], decay: f64) -> Result<Self, Error> {
+        let shadow = vars
+            .iter()
+            .map(|v| v.as_tensor().detach().copy())
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            decay,
+            updates: 0,
+            vars: vars.to_vec(),
+            shadow,
+        })
+    }
+
+    fn update(&mut self) -> Result<(), Error> {
+        self.updates += 1;
+        let t = self.updates as f64;
+        let d = self.decay.min((1.0 + t) / (10.0 + t));
+        for (v, s) in self.vars.iter().zip(&mut self.shadow) {
+            // Detached, or each update would join the autograd graph and
+            // keep every earlier average alive.
+            let w = v.as_tensor().detach();
+            *s = s.affine(d, 0.0)?.add(&w.affine(1.0 - d, 0.0)?)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the averaged weights in the model, then puts the
+    /// trained ones back (also when `f` fails), so training goes on from
+    /// where it was.
+    fn swapped_in<T>(&self, f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+        let live = self
+            .vars
+            .iter()
+            .map(|v| v.as_tensor().detach().copy())
+            .collect::<Result<Vec<_>, _>>()?;
+        for (v, s) in self.vars.iter().zip(&self.shadow) {
+            v.set(s)?;
+        }
+        let out = f();
+        for (v, l) in self.vars.iter().zip(&live) {
+            v.set(l)?;
+        }
+        out
     }
 }
 
@@ -605,23 +702,34 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
         let Some(mean_loss) = steps.end_epoch() else {
             break;
         };
-        let pred = predict(&trainable.model, &dev_enc.ids, pad, 64, &device)?;
-        let correct = pred
-            .iter()
-            .zip(&dev_enc.labels)
-            .filter(|(p, g)| **p == **g as usize)
-            .count();
-        let acc = correct as f64 / pred.len() as f64;
+        let best_so_far = report.best_dev_accuracy;
+        let (acc, best) = steps.with_kept_weights(|| {
+            let pred = predict(&trainable.model, &dev_enc.ids, pad, 64, &device)?;
+            let correct = pred
+                .iter()
+                .zip(&dev_enc.labels)
+                .filter(|(p, g)| **p == **g as usize)
+                .count();
+            let acc = correct as f64 / pred.len() as f64;
+            let best = acc > best_so_far;
+            if best {
+                save_atomically(&trainable, &tok, &opts.out, opts.run.half)?;
+            }
+            Ok((acc, best))
+        })?;
         report.epoch_losses.push(mean_loss);
-        let best = acc > report.best_dev_accuracy;
         steps.println(format!(
-            "epoch {epoch}: train loss {mean_loss:.4}, dev accuracy {acc:.4}{}",
+            "epoch {epoch}: train loss {mean_loss:.4}, dev accuracy {acc:.4}{}{}",
+            if steps.averages() {
+                " (averaged weights)"
+            } else {
+                ""
+            },
             if best { " (best so far, saved)" } else { "" }
         ));
         if best {
             report.best_dev_accuracy = acc;
             report.best_epoch = epoch;
-            save_atomically(&trainable, &tok, &opts.out, opts.run.half)?;
         }
         if steps.done() {
             break;

@@ -49,6 +49,7 @@ fn run() -> RunOptions {
         max_len: 48,
         max_steps: Some(40),
         half: false,
+        average: None,
         progress: false,
     }
 }
@@ -204,6 +205,44 @@ fn the_same_seed_trains_the_same_model() {
         tuned,
         losses(Init::Pretrained(fixture("tiny-bert")), 7, "e")
     );
+}
+
+#[test]
+fn averaged_weights_are_what_is_saved_and_training_goes_on_undisturbed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = sample("data/intents/train.jsonl", 120, dir.path(), "train.jsonl");
+    let dev = sample("data/intents/test.jsonl", 20, dir.path(), "dev.jsonl");
+    // Eight steps an epoch: three dev evaluations swap the average in and out.
+    let run = |average: Option<f64>, out: &str| {
+        let mut opts = options(
+            Task::Intent,
+            data.clone(),
+            dev.clone(),
+            dir.path().join(out),
+            tiny(),
+        );
+        opts.run.max_steps = Some(24);
+        opts.run.average = average;
+        train(&opts)
+    };
+    let weights =
+        |out: &str| std::fs::read(dir.path().join(out).join("model.safetensors")).unwrap();
+    let plain = run(None, "plain").expect("training runs");
+    let averaged = run(Some(0.9), "averaged").expect("training runs");
+    // The trained weights are put back after each evaluation exactly.
+    assert_eq!(plain.report.step_losses, averaged.report.step_losses);
+    assert!(
+        weights("plain") != weights("averaged"),
+        "the average is saved"
+    );
+    // A decay of 0 averages nothing: the saved model is the plain one.
+    run(Some(0.0), "zero").expect("training runs");
+    assert!(weights("plain") == weights("zero"));
+    let err = run(Some(1.0), "one")
+        .err()
+        .expect("a decay of 1 is refused")
+        .to_string();
+    assert!(err.contains("--average"), "{err}");
 }
 
 #[test]
