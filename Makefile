@@ -72,7 +72,7 @@ pretrain: models data
 train-intent: models data
 	test -d models/pretrained || $(MAKE) pretrain
 	$(KEFU) train --task intent --init models/pretrained --max-seq-len 64 \
-	  --epochs 40 --batch-size 16 --learning-rate 1e-3 --seed 42 --half \
+	  --epochs 40 --batch-size 16 --learning-rate 1e-3 --seed 42 --half --average 0.998 \
 	  --data data/splits/intent-train.jsonl --dev data/splits/intent-dev.jsonl \
 	  --out models/intent
 
