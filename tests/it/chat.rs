@@ -154,12 +154,13 @@ async fn asking_for_a_human_escalates_and_the_bot_then_stays_silent() {
 async fn three_negative_turns_in_a_row_escalate() {
     let server = serving(real_args()).await;
     let ch = &server.channel;
-    // Three negative order messages, none a complaint (a complaint escalates
-    // by its own rule before the streak is counted).
+    // Three impatient questions about an order, none a complaint (a
+    // complaint escalates by its own rule before the streak is counted;
+    // "快递太慢了" complains about the courier and is one).
     let texts = [
-        "快递太慢了，等了一个星期还没到",
+        "包裹怎么还没到啊，急死了",
         "物流一直不更新，烦死了",
-        "还没发货吗？太慢了",
+        "物流信息三天没动了，到底什么时候能到",
     ];
     let mut conv = String::new();
     let mut routes = Vec::new();
