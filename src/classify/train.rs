@@ -799,6 +799,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_weight_average_follows_its_decay_and_holds_no_graph() {
+        let x = [1f32, 2.0, 3.0];
+        let var = Var::new(&x, &Device::Cpu).unwrap();
+        let mut average = WeightAverage::new(std::slice::from_ref(&var), 0.5).unwrap();
+        // The weights double each step; the decay is min(0.5, (1+t)/(10+t)).
+        for _ in 0..3 {
+            var.set(&var.as_tensor().affine(2.0, 0.0).unwrap()).unwrap();
+            average.update().unwrap();
+        }
+        // 1 -> 2/11*1 + 9/11*2 = 20/11 -> 1/4*20/11 + 3/4*4 = 38/11
+        // -> 4/13*38/11 + 9/13*8 = 944/143, times each starting weight.
+        let want: Vec<f32> = x.iter().map(|v| v * 944.0 / 143.0).collect();
+        let close = |t: &Tensor, want: &[f32]| {
+            let got = t.to_vec1::<f32>().unwrap();
+            got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-5)
+        };
+        assert!(close(&average.shadow[0], &want));
+        // An average that joined the autograd graph would keep every
+        // earlier one alive (a 23 GB sentiment run before this was caught).
+        assert!(!average.shadow[0].track_op());
+        let inside = average.swapped_in(|| Ok(var.as_tensor().copy()?)).unwrap();
+        assert!(close(&inside, &want), "the average is swapped in");
+        let live: Vec<f32> = x.iter().map(|v| v * 8.0).collect();
+        assert!(close(var.as_tensor(), &live), "and the weights put back");
+    }
+
+    #[test]
     fn schedule_warms_up_then_decays_to_zero() {
         assert!((learning_rate(0, 100, 10, 1.0) - 0.1).abs() < 1e-12);
         assert!((learning_rate(9, 100, 10, 1.0) - 1.0).abs() < 1e-12);
