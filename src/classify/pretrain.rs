@@ -314,26 +314,19 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport, Error> {
         let Some(mean) = steps.end_epoch() else {
             break;
         };
-        let best_so_far = report.best_dev_accuracy;
-        let (acc, best) = steps.with_kept_weights(|| {
-            let acc = dev_accuracy(&model, &dev_ids, opts, tokens, pad_id, &device)?;
-            let best = acc > best_so_far;
-            if best {
+        let (acc, best) = steps.keep_if_better(
+            report.best_dev_accuracy,
+            || dev_accuracy(&model, &dev_ids, opts, tokens, pad_id, &device),
+            || {
                 write_atomically(&opts.out, |tmp| {
                     save_hf(tmp, &config, &varmap, &tok, opts.run.half)
-                })?;
-            }
-            Ok((acc, best))
-        })?;
+                })
+            },
+        )?;
         report.epoch_losses.push(mean);
         steps.println(format!(
-            "epoch {epoch}: mlm loss {mean:.4}, dev masked-token accuracy {acc:.4}{}{}",
-            if steps.averages() {
-                " (averaged weights)"
-            } else {
-                ""
-            },
-            if best { " (best so far, saved)" } else { "" }
+            "epoch {epoch}: mlm loss {mean:.4}, dev masked-token accuracy {acc:.4}{}",
+            steps.epoch_note(best)
         ));
         if best {
             report.best_dev_accuracy = acc;

@@ -417,11 +417,6 @@ impl Steps {
         })
     }
 
-    /// Whether dev evaluations and saves see averaged weights.
-    pub(crate) fn averages(&self) -> bool {
-        self.average.is_some()
-    }
-
     /// Whether the run has taken all its steps.
     pub(crate) fn done(&self) -> bool {
         self.step >= self.total
@@ -448,15 +443,38 @@ impl Steps {
         Ok(())
     }
 
-    /// Runs `f` (a dev evaluation, a save) on the weights the run keeps: the
-    /// moving average when the run averages, else the weights as they are.
-    pub(crate) fn with_kept_weights<T>(
+    /// The end-of-epoch check of `kefu train` and `kefu pretrain`: `score`s
+    /// the weights the run keeps (the moving average when it averages, else
+    /// the weights as they are) and `save`s them when the score beats
+    /// `best`. Returns the score and whether it was saved.
+    pub(crate) fn keep_if_better(
         &self,
-        f: impl FnOnce() -> Result<T, Error>,
-    ) -> Result<T, Error> {
+        best: f64,
+        score: impl FnOnce() -> Result<f64, Error>,
+        save: impl FnOnce() -> Result<(), Error>,
+    ) -> Result<(f64, bool), Error> {
+        let check = || {
+            let value = score()?;
+            let better = value > best;
+            if better {
+                save()?;
+            }
+            Ok((value, better))
+        };
         match &self.average {
-            Some(average) => average.swapped_in(f),
-            None => f(),
+            Some(average) => average.swapped_in(check),
+            None => check(),
+        }
+    }
+
+    /// What an epoch's line says after its score: which weights were scored
+    /// and whether they were saved.
+    pub(crate) fn epoch_note(&self, saved: bool) -> &'static str {
+        match (self.average.is_some(), saved) {
+            (true, true) => " (averaged weights) (best so far, saved)",
+            (true, false) => " (averaged weights)",
+            (false, true) => " (best so far, saved)",
+            (false, false) => "",
         }
     }
 
@@ -702,30 +720,23 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
         let Some(mean_loss) = steps.end_epoch() else {
             break;
         };
-        let best_so_far = report.best_dev_accuracy;
-        let (acc, best) = steps.with_kept_weights(|| {
-            let pred = predict(&trainable.model, &dev_enc.ids, pad, 64, &device)?;
-            let correct = pred
-                .iter()
-                .zip(&dev_enc.labels)
-                .filter(|(p, g)| **p == **g as usize)
-                .count();
-            let acc = correct as f64 / pred.len() as f64;
-            let best = acc > best_so_far;
-            if best {
-                save_atomically(&trainable, &tok, &opts.out, opts.run.half)?;
-            }
-            Ok((acc, best))
-        })?;
+        let (acc, best) = steps.keep_if_better(
+            report.best_dev_accuracy,
+            || {
+                let pred = predict(&trainable.model, &dev_enc.ids, pad, 64, &device)?;
+                let correct = pred
+                    .iter()
+                    .zip(&dev_enc.labels)
+                    .filter(|(p, g)| **p == **g as usize)
+                    .count();
+                Ok(correct as f64 / pred.len() as f64)
+            },
+            || save_atomically(&trainable, &tok, &opts.out, opts.run.half),
+        )?;
         report.epoch_losses.push(mean_loss);
         steps.println(format!(
-            "epoch {epoch}: train loss {mean_loss:.4}, dev accuracy {acc:.4}{}{}",
-            if steps.averages() {
-                " (averaged weights)"
-            } else {
-                ""
-            },
-            if best { " (best so far, saved)" } else { "" }
+            "epoch {epoch}: train loss {mean_loss:.4}, dev accuracy {acc:.4}{}",
+            steps.epoch_note(best)
         ));
         if best {
             report.best_dev_accuracy = acc;
