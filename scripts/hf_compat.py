@@ -143,7 +143,9 @@ def check(model_dir, kefu, texts):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    # A `--half` checkpoint loads in f16, and transformers would then compute
+    # in f16 on the CPU; kefu widens the weights to f32 first, so compare that.
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).float().eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.no_grad():
