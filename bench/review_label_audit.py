@@ -24,6 +24,8 @@ import argparse
 import json
 import random
 
+from linear_baseline import read
+
 TEST = "data/splits/sentiment-reviews-test.jsonl"
 SEED = 2026
 # Sample position -> (verdict, the line's first characters, to catch a changed split).
@@ -44,11 +46,8 @@ VERDICTS = {
 
 
 def sample():
-    rows = []
-    with open(TEST, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
+    texts, labels = read(TEST)
+    rows = [{"text": t, "label": l} for t, l in zip(texts, labels)]
     order = list(range(len(rows)))
     random.Random(SEED).shuffle(order)
     return rows, order[:100]
