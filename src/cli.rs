@@ -135,6 +135,19 @@ pub struct TrainArgs {
     pub shape: ShapeArgs,
     #[command(flatten)]
     pub run: RunArgs,
+    /// For training lines that carry a teacher's `probabilities`, the share
+    /// of the target that is the teacher's distribution; the rest is the
+    /// gold label (0 ignores them).
+    #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
+    pub soft_weight: f64,
+}
+
+fn unit_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(w) if (0.0..=1.0).contains(&w) => Ok(w),
+        Ok(w) => Err(format!("{w} is not between 0 and 1")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The shape of a fresh BERT.
@@ -405,6 +418,7 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
         out: args.out.clone(),
         init,
         run: run.options(),
+        soft_weight: args.soft_weight,
     };
     let report = train::train(&opts)?.report;
     eprintln!(

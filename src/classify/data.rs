@@ -1,7 +1,10 @@
 //! Labelled examples in JSON Lines: one `{"text": "...", "label": "..."}` per
-//! line. Other fields (such as `lang`) are ignored. A bad line is reported
-//! with its line number and nothing is half-read.
+//! line, optionally with a teacher's `"probabilities"` for soft targets
+//! (`{"negative": 0.1, ...}`, or the list `kefu classify` prints). Other
+//! fields (such as `lang`) are ignored. A bad line is reported with its line
+//! number and nothing is half-read.
 
+use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::Path;
 
@@ -14,12 +17,59 @@ pub struct Example {
     pub text: String,
     /// Index into the label list the file was read against.
     pub label: usize,
+    /// A teacher's probability of each label, in the same order, when the
+    /// line has them.
+    pub soft: Option<Vec<f32>>,
 }
 
 #[derive(Deserialize)]
 struct Line {
     text: String,
     label: String,
+    #[serde(default)]
+    probabilities: Option<Probabilities>,
+}
+
+/// A label's probability, as `kefu classify` prints it.
+#[derive(Deserialize)]
+struct LabelProbability {
+    label: String,
+    probability: f32,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Probabilities {
+    Map(HashMap<String, f32>),
+    List(Vec<LabelProbability>),
+}
+
+impl Probabilities {
+    /// The distribution over `labels`; labels it leaves out get 0.
+    fn over(self, labels: &[&str]) -> Result<Vec<f32>, String> {
+        let pairs: Vec<(String, f32)> = match self {
+            Self::Map(map) => map.into_iter().collect(),
+            Self::List(list) => list.into_iter().map(|p| (p.label, p.probability)).collect(),
+        };
+        let mut out = vec![0f32; labels.len()];
+        for (label, p) in pairs {
+            let i = labels.iter().position(|l| *l == label).ok_or_else(|| {
+                format!(
+                    "probabilities: label {label:?} is not one of {}",
+                    labels.join(", ")
+                )
+            })?;
+            if !(0.0..=1.0).contains(&p) {
+                return Err(format!("probabilities: {label:?} is {p}, not in 0..1"));
+            }
+            out[i] = p;
+        }
+        let sum: f32 = out.iter().sum();
+        if (sum - 1.0).abs() > 0.01 {
+            return Err(format!("probabilities add up to {sum}, not 1"));
+        }
+        Ok(out.into_iter().map(|p| p / sum).collect())
+    }
 }
 
 /// Reads every example of `path`, mapping labels onto `labels`.
@@ -54,9 +104,15 @@ pub fn read_jsonl(path: &Path, labels: &[&str]) -> Result<Vec<Example>, Error> {
                     labels.join(", ")
                 ))
             })?;
+        let soft = parsed
+            .probabilities
+            .map(|p| p.over(labels))
+            .transpose()
+            .map_err(bad)?;
         out.push(Example {
             text: parsed.text,
             label,
+            soft,
         });
     }
     if out.is_empty() {
@@ -97,8 +153,48 @@ mod tests {
             ex,
             vec![Example {
                 text: "在吗".into(),
-                label: 1
+                label: 1,
+                soft: None,
             }]
         );
+    }
+
+    #[test]
+    fn reads_a_teachers_probabilities_as_a_map_or_as_classify_prints_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                "{\"text\": \"还行吧\", \"label\": \"positive\", \"probabilities\": {\"positive\": 0.6, \"neutral\": 0.4}}\n",
+                "{\"text\": \"差评\", \"label\": \"negative\", \"probabilities\": [{\"label\": \"negative\", \"probability\": 0.9}, {\"label\": \"positive\", \"probability\": 0.1}]}\n",
+            ),
+        )
+        .unwrap();
+        let ex = read_jsonl(&path, &["negative", "neutral", "positive"]).unwrap();
+        assert_eq!(ex[0].soft, Some(vec![0.0, 0.4, 0.6]));
+        assert_eq!(ex[1].soft, Some(vec![0.9, 0.0, 0.1]));
+    }
+
+    #[test]
+    fn probabilities_that_are_not_a_distribution_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        for (bad, why) in [
+            ("{\"positive\": 0.6}", "add up to"),
+            ("{\"angry\": 1.0}", "angry"),
+            ("{\"positive\": 1.5, \"negative\": -0.5}", "not in 0..1"),
+        ] {
+            std::fs::write(
+                &path,
+                format!(
+                    "{{\"text\": \"好\", \"label\": \"positive\", \"probabilities\": {bad}}}\n"
+                ),
+            )
+            .unwrap();
+            let err = read_jsonl(&path, &["negative", "neutral", "positive"]).unwrap_err();
+            assert!(err.to_string().contains("d.jsonl:1:"), "{err}");
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+        }
     }
 }

@@ -50,6 +50,9 @@ pub struct TrainOptions {
     pub out: PathBuf,
     pub init: Init,
     pub run: RunOptions,
+    /// For training lines with a teacher's `probabilities`, how much of the
+    /// target is the teacher's distribution (the rest is the gold label).
+    pub soft_weight: f64,
 }
 
 /// How a training run goes; `kefu train` and `kefu pretrain` alike.
@@ -168,6 +171,7 @@ pub fn build_vocab(texts: &[&str], min_count: usize) -> Vec<String> {
 pub(crate) struct Encoded {
     ids: Vec<Vec<u32>>,
     labels: Vec<u32>,
+    soft: Vec<Option<Vec<f32>>>,
 }
 
 fn encode_all(tok: &Tokenizer, examples: &[Example]) -> Result<Encoded, Error> {
@@ -176,7 +180,43 @@ fn encode_all(tok: &Tokenizer, examples: &[Example]) -> Result<Encoded, Error> {
         .map(|e| tokenizer::encode(tok, &e.text))
         .collect::<Result<Vec<_>, _>>()?;
     let labels = examples.iter().map(|e| e.label as u32).collect();
-    Ok(Encoded { ids, labels })
+    let soft = examples.iter().map(|e| e.soft.clone()).collect();
+    Ok(Encoded { ids, labels, soft })
+}
+
+/// The training target of each row of a batch: the gold label, blended with
+/// `weight` of the teacher's distribution where a row has one; `None` when
+/// no row has one (plain cross-entropy then).
+pub(crate) fn soft_targets(
+    labels: &[u32],
+    soft: &[Option<&[f32]>],
+    n_labels: usize,
+    weight: f64,
+) -> Option<Vec<f32>> {
+    if weight <= 0.0 || soft.iter().all(Option::is_none) {
+        return None;
+    }
+    let w = weight as f32;
+    let mut out = vec![0f32; labels.len() * n_labels];
+    for (row, (&gold, teacher)) in out.chunks_mut(n_labels).zip(labels.iter().zip(soft)) {
+        match teacher {
+            Some(p) => {
+                for (t, &p) in row.iter_mut().zip(p.iter()) {
+                    *t = w * p;
+                }
+                row[gold as usize] += 1.0 - w;
+            }
+            None => row[gold as usize] = 1.0,
+        }
+    }
+    Some(out)
+}
+
+/// Cross-entropy of `logits` against `targets`, one distribution per row:
+/// `-Σ target·log softmax(logits)`, averaged over the rows.
+fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let log_probs = candle_nn::ops::log_softmax(logits, 1)?;
+    (log_probs * targets)?.sum(1)?.mean(0)?.neg()
 }
 
 /// Predicted label index of every row, in batches of `batch`.
@@ -710,11 +750,20 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
             }
             let rows: Vec<&[u32]> = batch.iter().map(|&i| train_enc.ids[i].as_slice()).collect();
             let targets: Vec<u32> = batch.iter().map(|&i| train_enc.labels[i]).collect();
+            let soft: Vec<Option<&[f32]>> = batch
+                .iter()
+                .map(|&i| train_enc.soft[i].as_deref())
+                .collect();
             let (ids, masks) = super::worker::pad(&rows, pad);
             let (ids, masks) = super::bert::batch_tensors(&ids, &masks, &device)?;
-            let targets = Tensor::new(targets, &device)?;
             let logits = trainable.model.forward(&ids, &masks, true)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+            let loss = match soft_targets(&targets, &soft, labels.len(), opts.soft_weight) {
+                Some(blend) => {
+                    let blend = Tensor::from_vec(blend, (batch.len(), labels.len()), &device)?;
+                    soft_cross_entropy(&logits, &blend)?
+                }
+                None => candle_nn::loss::cross_entropy(&logits, &Tensor::new(targets, &device)?)?,
+            };
             steps.take(&loss, epoch, "loss")?;
         }
         let Some(mean_loss) = steps.end_epoch() else {
@@ -808,6 +857,37 @@ pub(crate) fn write_atomically(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn soft_targets_blend_the_teacher_into_the_gold_label() {
+        let teacher = [0.2f32, 0.8, 0.0];
+        let got = soft_targets(&[0, 2], &[Some(&teacher), None], 3, 0.25).unwrap();
+        let want = [0.8f32, 0.2, 0.0, 0.0, 0.0, 1.0];
+        assert!(
+            got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6),
+            "{got:?}"
+        );
+        assert_eq!(soft_targets(&[0, 2], &[None, None], 3, 0.25), None);
+        assert_eq!(soft_targets(&[0], &[Some(&teacher)], 3, 0.0), None);
+    }
+
+    #[test]
+    fn soft_cross_entropy_on_one_hot_targets_is_cross_entropy() {
+        let logits = Tensor::new(&[[1.0f32, -0.5, 2.0], [0.3, 0.1, -1.0]], &Device::Cpu).unwrap();
+        let hard = candle_nn::loss::cross_entropy(
+            &logits,
+            &Tensor::new(&[2u32, 0], &Device::Cpu).unwrap(),
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+        let one_hot = Tensor::new(&[[0f32, 0.0, 1.0], [1.0, 0.0, 0.0]], &Device::Cpu).unwrap();
+        let soft = soft_cross_entropy(&logits, &one_hot)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((hard - soft).abs() < 1e-6, "{hard} vs {soft}");
+    }
 
     #[test]
     fn the_weight_average_follows_its_decay_and_holds_no_graph() {

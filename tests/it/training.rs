@@ -35,6 +35,7 @@ fn options(task: Task, data: PathBuf, dev: PathBuf, out: PathBuf, init: Init) ->
         out,
         init,
         run: run(),
+        soft_weight: 0.5,
     }
 }
 
@@ -243,6 +244,61 @@ fn averaged_weights_are_what_is_saved_and_training_goes_on_undisturbed() {
         .expect("a decay of 1 is refused")
         .to_string();
     assert!(err.contains("--average"), "{err}");
+}
+
+#[test]
+fn a_teachers_probabilities_steer_training_by_the_soft_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = sample("data/intents/train.jsonl", 120, dir.path(), "train.jsonl");
+    let dev = sample("data/intents/test.jsonl", 20, dir.path(), "dev.jsonl");
+    // A teacher that calls every message a greeting, whatever its label.
+    let taught = dir.path().join("taught.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+            row["probabilities"] = serde_json::json!({"greeting": 0.9, "other": 0.1});
+            row.to_string()
+        })
+        .collect();
+    std::fs::write(&taught, lines.join("\n") + "\n").unwrap();
+    let run = |data: &Path, soft_weight: f64, out: &str| {
+        let mut opts = options(
+            Task::Intent,
+            data.to_path_buf(),
+            dev.clone(),
+            dir.path().join(out),
+            tiny(),
+        );
+        opts.soft_weight = soft_weight;
+        train(&opts).expect("training runs")
+    };
+    // A weight of 0 ignores the teacher: exactly the steps of the plain file.
+    let plain = run(&data, 0.5, "plain").report.step_losses;
+    assert_eq!(plain, run(&taught, 0.0, "ignored").report.step_losses);
+    // A weight of 1 learns the teacher and not the labels.
+    let trained = run(&taught, 1.0, "teacher");
+    assert_ne!(plain, trained.report.step_losses);
+    let model = &trained.last.model;
+    let texts = [
+        "我的快递到哪了",
+        "I want a refund",
+        "转人工!!",
+        "优惠券怎么用",
+    ];
+    let ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tokenizer::encode(&trained.tokenizer, t).unwrap())
+        .collect();
+    let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let pred = logits(model, &rows, pad_id(&trained.tokenizer), &Device::Cpu)
+        .unwrap()
+        .argmax(1)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    assert!(pred.iter().all(|&p| p == 0), "all greetings: {pred:?}");
 }
 
 #[test]
