@@ -26,6 +26,18 @@ def read(path):
     return texts, labels
 
 
+def ngram_model():
+    """Character 1-3-gram TF-IDF + logistic regression (needs scikit-learn)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(
+        TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True),
+        LogisticRegression(max_iter=2000, C=4.0),
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", default="data/splits/sentiment-train.jsonl")
@@ -36,16 +48,9 @@ def main():
     )
     args = ap.parse_args()
 
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-
     texts, labels = read(args.train)
     started = time.time()
-    model = make_pipeline(
-        TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True),
-        LogisticRegression(max_iter=2000, C=4.0),
-    )
+    model = ngram_model()
     model.fit(texts, labels)
     trained = time.time() - started
     for path in args.test:

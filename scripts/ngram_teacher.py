@@ -16,7 +16,11 @@ Needs scikit-learn.
 """
 import argparse
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from linear_baseline import ngram_model  # noqa: E402
 
 
 def main():
@@ -27,11 +31,11 @@ def main():
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args()
 
-    import numpy as np
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedGroupKFold
-    from sklearn.pipeline import make_pipeline
+    try:
+        import numpy as np
+        from sklearn.model_selection import StratifiedGroupKFold
+    except ImportError:
+        sys.exit("the n-gram teacher needs scikit-learn: pip install scikit-learn")
 
     rows = []
     with open(args.data, encoding="utf-8") as f:
@@ -49,10 +53,7 @@ def main():
     # fold, so no line is scored by a model that saw its copy.
     folds = StratifiedGroupKFold(n_splits=args.folds, shuffle=True, random_state=args.seed)
     for k, (fit, held) in enumerate(folds.split(texts, labels, groups=texts), 1):
-        model = make_pipeline(
-            TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True),
-            LogisticRegression(max_iter=2000, C=4.0),
-        )
+        model = ngram_model()
         model.fit([texts[i] for i in fit], labels[fit])
         cols = [classes.index(c) for c in model.classes_]
         probs[np.ix_(held, cols)] = model.predict_proba([texts[i] for i in held])
