@@ -5,12 +5,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use kefu::classify::bert::BertForSequenceClassification;
 use kefu::classify::checkpoint::Checkpoint;
 use kefu::classify::pretrain::{pretrain, PretrainOptions};
 use kefu::classify::train::{train, FreshModel, Init, RunOptions, TrainOptions};
 use kefu::classify::worker::{logits, pad_id};
 use kefu::classify::{tokenizer, Task};
+use tokenizers::Tokenizer;
 
 use crate::common::{fixture, repo};
 
@@ -66,6 +68,22 @@ fn tiny() -> Init {
     })
 }
 
+/// A model's logits for four short customer messages, zh and en.
+fn message_logits(model: &BertForSequenceClassification, tok: &Tokenizer) -> Tensor {
+    let texts = [
+        "我的快递到哪了",
+        "I want a refund",
+        "转人工!!",
+        "优惠券怎么用",
+    ];
+    let ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tokenizer::encode(tok, t).unwrap())
+        .collect();
+    let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    logits(model, &rows, pad_id(tok), &Device::Cpu).unwrap()
+}
+
 /// The mean of the last four steps' losses is below `factor` times the
 /// mean of the first four.
 fn assert_loss_falls(losses: &[f32], factor: f32, what: &str) {
@@ -108,24 +126,10 @@ fn a_fresh_model_learns_and_its_checkpoint_reloads_exactly() {
     assert_eq!(config["architectures"][0], "BertForSequenceClassification");
 
     let reloaded = Checkpoint::load(&out, 48, &Device::Cpu).unwrap();
-    let texts = [
-        "我的快递到哪了",
-        "I want a refund",
-        "转人工!!",
-        "优惠券怎么用",
-    ];
-    let ids: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| tokenizer::encode(&reloaded.tokenizer, t).unwrap())
-        .collect();
-    let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let pad = pad_id(&reloaded.tokenizer);
-    let a = logits(&reloaded.model, &rows, pad, &Device::Cpu)
-        .unwrap()
+    let a = message_logits(&reloaded.model, &reloaded.tokenizer)
         .to_vec2::<f32>()
         .unwrap();
-    let b = logits(&trained.last.model, &rows, pad, &Device::Cpu)
-        .unwrap()
+    let b = message_logits(&trained.last.model, &trained.tokenizer)
         .to_vec2::<f32>()
         .unwrap();
     for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
@@ -280,20 +284,7 @@ fn a_teachers_probabilities_steer_training_by_the_soft_weight() {
     // A weight of 1 learns the teacher and not the labels.
     let trained = run(&taught, 1.0, "teacher");
     assert_ne!(plain, trained.report.step_losses);
-    let model = &trained.last.model;
-    let texts = [
-        "我的快递到哪了",
-        "I want a refund",
-        "转人工!!",
-        "优惠券怎么用",
-    ];
-    let ids: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| tokenizer::encode(&trained.tokenizer, t).unwrap())
-        .collect();
-    let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let pred = logits(model, &rows, pad_id(&trained.tokenizer), &Device::Cpu)
-        .unwrap()
+    let pred = message_logits(&trained.last.model, &trained.tokenizer)
         .argmax(1)
         .unwrap()
         .to_vec1::<u32>()
