@@ -125,30 +125,28 @@ pub fn read_jsonl(path: &Path, labels: &[&str]) -> Result<Vec<Example>, Error> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn bad_line_is_reported_with_its_number() {
+    /// `content` read as a sentiment file named `d.jsonl`.
+    fn read_str(content: &str) -> Result<Vec<Example>, Error> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.jsonl");
-        std::fs::write(
-            &path,
+        std::fs::write(&path, content).unwrap();
+        read_jsonl(&path, &["negative", "neutral", "positive"])
+    }
+
+    #[test]
+    fn bad_line_is_reported_with_its_number() {
+        let err = read_str(
             "{\"text\": \"好评\", \"label\": \"positive\"}\n\n{\"text\": \"x\", \"label\": \"angry\"}\n",
         )
-        .unwrap();
-        let err = read_jsonl(&path, &["negative", "neutral", "positive"]).unwrap_err();
+        .unwrap_err();
         assert!(err.to_string().contains("d.jsonl:3:"), "{err}");
         assert!(err.to_string().contains("angry"), "{err}");
     }
 
     #[test]
     fn reads_labels_as_indices() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.jsonl");
-        std::fs::write(
-            &path,
-            "{\"text\": \"在吗\", \"label\": \"neutral\", \"lang\": \"zh\"}\n",
-        )
-        .unwrap();
-        let ex = read_jsonl(&path, &["negative", "neutral", "positive"]).unwrap();
+        let ex =
+            read_str("{\"text\": \"在吗\", \"label\": \"neutral\", \"lang\": \"zh\"}\n").unwrap();
         assert_eq!(
             ex,
             vec![Example {
@@ -161,38 +159,26 @@ mod tests {
 
     #[test]
     fn reads_a_teachers_probabilities_as_a_map_or_as_classify_prints_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.jsonl");
-        std::fs::write(
-            &path,
-            concat!(
+        let ex = read_str(concat!(
                 "{\"text\": \"还行吧\", \"label\": \"positive\", \"probabilities\": {\"positive\": 0.6, \"neutral\": 0.4}}\n",
                 "{\"text\": \"差评\", \"label\": \"negative\", \"probabilities\": [{\"label\": \"negative\", \"probability\": 0.9}, {\"label\": \"positive\", \"probability\": 0.1}]}\n",
-            ),
-        )
+        ))
         .unwrap();
-        let ex = read_jsonl(&path, &["negative", "neutral", "positive"]).unwrap();
         assert_eq!(ex[0].soft, Some(vec![0.0, 0.4, 0.6]));
         assert_eq!(ex[1].soft, Some(vec![0.9, 0.0, 0.1]));
     }
 
     #[test]
     fn probabilities_that_are_not_a_distribution_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.jsonl");
         for (bad, why) in [
             ("{\"positive\": 0.6}", "add up to"),
             ("{\"angry\": 1.0}", "angry"),
             ("{\"positive\": 1.5, \"negative\": -0.5}", "not in 0..1"),
         ] {
-            std::fs::write(
-                &path,
-                format!(
-                    "{{\"text\": \"好\", \"label\": \"positive\", \"probabilities\": {bad}}}\n"
-                ),
-            )
-            .unwrap();
-            let err = read_jsonl(&path, &["negative", "neutral", "positive"]).unwrap_err();
+            let err = read_str(&format!(
+                "{{\"text\": \"好\", \"label\": \"positive\", \"probabilities\": {bad}}}\n"
+            ))
+            .unwrap_err();
             assert!(err.to_string().contains("d.jsonl:1:"), "{err}");
             assert!(err.to_string().contains(why), "{bad}: {err}");
         }
