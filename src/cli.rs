@@ -168,6 +168,11 @@ pub struct ShapeArgs {
     /// Tokens seen fewer times are left out of a built vocabulary.
     #[arg(long, default_value_t = 3)]
     pub min_token_count: usize,
+    /// With --vocab: also add every whole word of 2+ Latin letters that at
+    /// least N distinct training texts use and the vocabulary lacks
+    /// (bert-base-chinese's cuts "perfect" into pe ##rf ##ect).
+    #[arg(long, value_name = "N", requires = "vocab", value_parser = clap::value_parser!(u64).range(1..))]
+    pub add_words: Option<u64>,
 }
 
 impl ShapeArgs {
@@ -179,6 +184,7 @@ impl ShapeArgs {
             heads: self.heads,
             intermediate_size: self.intermediate_size,
             min_token_count: self.min_token_count,
+            add_words: self.add_words.map(|n| n as usize),
         }
     }
 }

@@ -17,7 +17,7 @@ use super::bert::{batch_tensors, BertConfig, BertForMaskedLM};
 use super::checkpoint::{save_hf, seed_weights};
 use super::rng::Rng;
 use super::train::{
-    build_vocab, tokenizer_set_max, write_atomically, FreshModel, RunOptions, Steps,
+    fresh_tokenizer, tokenizer_set_max, write_atomically, FreshModel, RunOptions, Steps,
 };
 use super::worker::{pad, pad_id};
 use super::{tokenizer, Error};
@@ -235,18 +235,9 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainReport, Error> {
     let train_texts = read_all(&opts.data)?;
     let dev_texts = read_all(&opts.dev)?;
 
-    let mut tok = match &opts.shape.vocab {
-        Some(vocab) => tokenizer::from_vocab(vocab, &tokenizer::BertTokenizerConfig::default())?,
-        None => {
-            let texts: Vec<&str> = train_texts.iter().map(String::as_str).collect();
-            let vocab = build_vocab(&texts, opts.shape.min_token_count);
-            let tmp = std::env::temp_dir().join(format!("kefu-{}-vocab.txt", std::process::id()));
-            std::fs::write(&tmp, vocab.join("\n") + "\n").map_err(|e| Error::save(&tmp, e))?;
-            let tok = tokenizer::from_vocab(&tmp, &tokenizer::BertTokenizerConfig::default());
-            let _ = std::fs::remove_file(&tmp);
-            tok?
-        }
-    };
+    let texts: Vec<&str> = train_texts.iter().map(String::as_str).collect();
+    let scratch = std::env::temp_dir().join(format!("kefu-{}-vocab.txt", std::process::id()));
+    let mut tok = fresh_tokenizer(&opts.shape, &texts, &scratch)?;
     let max_len = opts.run.max_len.max(8);
     tokenizer_set_max(&mut tok, max_len)?;
     let tokens = mask_tokens(&tok)?;

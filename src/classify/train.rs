@@ -4,7 +4,7 @@
 //! decay, gradient clipping at 1.0, deterministic shuffling, the best epoch
 //! by dev accuracy kept and written atomically in the Hugging Face layout.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -33,6 +33,9 @@ pub struct FreshModel {
     pub intermediate_size: usize,
     /// Tokens seen fewer times than this are left out of a built vocabulary.
     pub min_token_count: usize,
+    /// With `vocab`: also add the whole Latin-script words found in at least
+    /// this many distinct training texts that the vocabulary lacks.
+    pub add_words: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -166,6 +169,66 @@ pub fn build_vocab(texts: &[&str], min_count: usize) -> Vec<String> {
     words.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     vocab.extend(words.into_iter().map(|(w, _)| w));
     vocab
+}
+
+/// The whole words of 2+ Latin letters (lower-cased, as BertTokenizer sees
+/// them) found in at least `min_texts` distinct texts that `vocab` lacks, most
+/// frequent first. bert-base-chinese's vocabulary cuts common English into
+/// pieces ("perfect" is `pe ##rf ##ect`), which a small model trained on a
+/// few thousand English lines learns slowly; added whole, such a word gets
+/// one embedding of its own.
+pub fn missing_words(texts: &[&str], vocab: &[String], min_texts: usize) -> Vec<String> {
+    let known: HashSet<&str> = vocab.iter().map(String::as_str).collect();
+    let distinct: HashSet<&str> = texts.iter().copied().collect();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for text in distinct {
+        let lower = text.to_lowercase();
+        let words: HashSet<&str> = lower
+            .split(|c: char| !c.is_ascii_alphabetic())
+            .filter(|w| w.len() > 1 && !known.contains(w))
+            .collect();
+        for w in words {
+            *counts.entry(w.to_string()).or_default() += 1;
+        }
+    }
+    let mut words: Vec<(String, usize)> = counts
+        .into_iter()
+        .filter(|(_, n)| *n >= min_texts)
+        .collect();
+    words.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    words.into_iter().map(|(w, _)| w).collect()
+}
+
+/// The tokenizer of a fresh model: `shape.vocab` as it is, or with the words
+/// of `texts` it lacks (`shape.add_words`), or a vocabulary built from
+/// `texts`. A vocabulary made here goes through the file `scratch`, removed
+/// afterwards; the checkpoint saves the tokenizer's own copy.
+pub(crate) fn fresh_tokenizer(
+    shape: &FreshModel,
+    texts: &[&str],
+    scratch: &Path,
+) -> Result<Tokenizer, Error> {
+    let config = tokenizer::BertTokenizerConfig::default();
+    let vocab = match (&shape.vocab, shape.add_words) {
+        (Some(path), None) => return tokenizer::from_vocab(path, &config),
+        (Some(path), Some(min_texts)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::load(path, e))?;
+            let mut vocab: Vec<String> = text.lines().map(str::to_string).collect();
+            let added = missing_words(texts, &vocab, min_texts.max(1));
+            tracing::info!(
+                added = added.len(),
+                "whole words of the training text added to the vocabulary of {}",
+                path.display()
+            );
+            vocab.extend(added);
+            vocab
+        }
+        (None, _) => build_vocab(texts, shape.min_token_count),
+    };
+    std::fs::write(scratch, vocab.join("\n") + "\n").map_err(|e| Error::save(scratch, e))?;
+    let tok = tokenizer::from_vocab(scratch, &config);
+    let _ = std::fs::remove_file(scratch);
+    tok
 }
 
 pub(crate) struct Encoded {
@@ -685,22 +748,8 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
             (t, tok, fresh)
         }
         Init::Fresh(shape) => {
-            let tok = match &shape.vocab {
-                Some(vocab) => {
-                    tokenizer::from_vocab(vocab, &tokenizer::BertTokenizerConfig::default())?
-                }
-                None => {
-                    let texts: Vec<&str> = train_ex.iter().map(|e| e.text.as_str()).collect();
-                    let vocab = build_vocab(&texts, shape.min_token_count);
-                    let tmp = tempfile_path(&opts.out, "vocab.txt");
-                    std::fs::write(&tmp, vocab.join("\n") + "\n")
-                        .map_err(|e| Error::save(&tmp, e))?;
-                    let tok =
-                        tokenizer::from_vocab(&tmp, &tokenizer::BertTokenizerConfig::default());
-                    let _ = std::fs::remove_file(&tmp);
-                    tok?
-                }
-            };
+            let texts: Vec<&str> = train_ex.iter().map(|e| e.text.as_str()).collect();
+            let tok = fresh_tokenizer(shape, &texts, &tempfile_path(&opts.out, "vocab.txt"))?;
             let vocab_size = tok.get_vocab_size(true);
             let config = BertConfig::new_small(
                 vocab_size,
@@ -935,6 +984,50 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..103).collect::<Vec<_>>());
         assert_ne!(a, epoch_batches(&lengths, 8, &mut Rng::new(8)));
+    }
+
+    #[test]
+    fn missing_words_adds_frequent_whole_words_the_vocab_lacks() {
+        let vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "is", "##s"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let texts = [
+            "The parcel is PERFECT",
+            "perfect, thanks!! 谢谢",
+            "perfect, thanks!! 谢谢", // the same text counts once
+            "parcel2 is late",
+        ];
+        // "perfect" is in 2 distinct texts, "parcel" in 2 ("parcel2" splits at
+        // the digit); "thanks" in 1; "is" is known; "谢谢" is not Latin.
+        assert_eq!(missing_words(&texts, &vocab, 2), ["parcel", "perfect"]);
+        assert_eq!(missing_words(&texts, &vocab, 3), Vec::<String>::new());
+
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("vocab.txt");
+        let mut lines = vocab.clone();
+        lines.extend(["p", "##e", "##r", "##f", "##c", "##t", "##a", "##l"].map(String::from));
+        std::fs::write(&base, lines.join("\n") + "\n").unwrap();
+        let shape = |add_words| FreshModel {
+            vocab: Some(base.clone()),
+            hidden_size: 8,
+            layers: 1,
+            heads: 1,
+            intermediate_size: 8,
+            min_token_count: 1,
+            add_words,
+        };
+        let scratch = dir.path().join("scratch.txt");
+        let plain = fresh_tokenizer(&shape(None), &texts, &scratch).unwrap();
+        let added = fresh_tokenizer(&shape(Some(2)), &texts, &scratch).unwrap();
+        assert!(!scratch.exists(), "the scratch vocabulary is removed");
+        let pieces = |tok: &Tokenizer| tok.encode("perfect", false).unwrap().get_tokens().to_vec();
+        assert_eq!(
+            pieces(&plain),
+            ["p", "##e", "##r", "##f", "##e", "##c", "##t"]
+        );
+        assert_eq!(pieces(&added), ["perfect"]);
+        assert_eq!(added.get_vocab_size(true), lines.len() + 2);
     }
 
     #[test]

@@ -65,6 +65,7 @@ fn tiny() -> Init {
         heads: 2,
         intermediate_size: 64,
         min_token_count: 2,
+        add_words: None,
     })
 }
 
