@@ -85,8 +85,9 @@ def main():
     classes = sorted(set(labels))
     probs = np.zeros((len(rows), len(classes)))
     rng = random.Random(args.seed)
-    copies = [[altered(t, rng) for _ in range(args.augment)] for t in texts]
-    copy_probs = np.zeros((len(rows), args.augment, len(classes)))
+    # A text too short to alter comes back unchanged: no copy then.
+    copies = [[c for c in (altered(t, rng) for _ in range(args.augment)) if c != t] for t in texts]
+    copy_probs = [np.zeros((len(c), len(classes))) for c in copies]
     # Repeated lines (the training split repeats the chat lines) stay in one
     # fold, so no line is scored by a model that saw its copy.
     folds = StratifiedGroupKFold(n_splits=args.folds, shuffle=True, random_state=args.seed)
@@ -95,17 +96,18 @@ def main():
         model.fit([texts[i] for i in fit], labels[fit])
         cols = [classes.index(c) for c in model.classes_]
         probs[np.ix_(held, cols)] = model.predict_proba([texts[i] for i in held])
-        if args.augment:
-            scored = model.predict_proba([c for i in held for c in copies[i]])
-            copy_probs[np.ix_(held, range(args.augment), cols)] = scored.reshape(len(held), args.augment, -1)
+        alts = [c for i in held for c in copies[i]]
+        if alts:
+            scored = iter(model.predict_proba(alts))
+            for i in held:
+                for row in copy_probs[i]:
+                    row[cols] = next(scored)
         agree = (np.array(classes)[probs[held].argmax(1)] == labels[held]).mean()
         print(f"fold {k}/{args.folds}: {len(held)} lines, teacher agrees with the label on {agree:.3f}", file=sys.stderr)
     written = 0
     with open(args.out, "w", encoding="utf-8") as f:
         for row, p, alts, alt_probs in zip(rows, probs, copies, copy_probs):
-            out = [(row, p)]
-            # A text too short to alter comes back unchanged: no copy then.
-            out += [({**row, "text": a, "augmented": True}, q) for a, q in zip(alts, alt_probs) if a != row["text"]]
+            out = [(row, p)] + [({**row, "text": a, "augmented": True}, q) for a, q in zip(alts, alt_probs)]
             for r, q in out:
                 r["probabilities"] = {c: round(float(x), 4) for c, x in zip(classes, q)}
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
