@@ -7,8 +7,10 @@ plus the committed customer-service messages in data/sentiment/extra.jsonl
 (the intent training messages, labelled for sentiment too). Deduplicated, then split
 train/dev/test by a hash of the text, so the same text always lands in the
 same split and the test split is never trained on.
-Intent: data/intents/train.jsonl split train/dev the same way; the committed
-data/intents/test.jsonl is the held-out test set.
+Intent: data/intents/train.jsonl and data/intents/chat-lines.jsonl (the
+sentiment chat lines labelled for intent too) split train/dev the same way; the
+committed data/intents/test.jsonl and data/intents/chat-test.jsonl (the chat
+sentiment test lines labelled for intent) are the held-out tests.
 
 Outputs:
   data/splits/sentiment-{train,dev}.jsonl       3-class training data
@@ -94,9 +96,13 @@ def main():
     write(os.path.join(ROOT, "data/splits/sentiment-dev.jsonl"), splits["dev"])
     write(os.path.join(ROOT, "data/splits/sentiment-reviews-test.jsonl"), reviews_test)
 
-    intent_test = {norm(r["text"]) for r in read_jsonl(os.path.join(ROOT, "data/intents/test.jsonl"))}
+    # Two held-out intent tests: messages written as intent tests, and the
+    # chat sentiment test lines labelled for intent.
+    tests = ("data/intents/test.jsonl", "data/intents/chat-test.jsonl")
+    intent_test = {norm(r["text"]) for name in tests for r in read_jsonl(os.path.join(ROOT, name))}
     train, dev, seen = [], [], set()
-    for r in read_jsonl(os.path.join(ROOT, "data/intents/train.jsonl")):
+    intent_files = ("data/intents/train.jsonl", "data/intents/chat-lines.jsonl")
+    for r in (r for name in intent_files for r in read_jsonl(os.path.join(ROOT, name))):
         text = norm(r["text"])
         if text in seen or text in intent_test:
             continue
