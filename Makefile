@@ -89,6 +89,7 @@ eval: data
 	$(KEFU) eval --model models/sentiment --data data/sentiment/test.jsonl
 	$(KEFU) eval --model models/sentiment --data data/sentiment/intent-test.jsonl
 	$(KEFU) eval --model models/intent --data data/intents/test.jsonl
+	$(KEFU) eval --model models/intent --data data/intents/chat-test.jsonl
 
 # The GPU build. cuda-toolkit assembles CUDA 13.0 from NVIDIA's PyPI wheels
 # into cuda/13.0 (sha256-pinned, idempotent; see scripts/cuda_toolkit.py).
