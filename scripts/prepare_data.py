@@ -15,9 +15,10 @@ sentiment test lines labelled for intent) are the held-out tests.
 Outputs:
   data/splits/sentiment-{train,dev}.jsonl       3-class training data
   data/splits/sentiment-reviews-test.jsonl      review test split (2-class)
-(data/sentiment/test.jsonl and data/sentiment/intent-test.jsonl are the held-out
-chat sentiment tests; no line of either is trained on.)
   data/splits/intent-{train,dev}.jsonl
+No line of a held-out test file (data/sentiment/test.jsonl,
+data/sentiment/intent-test.jsonl, data/intents/test.jsonl,
+data/intents/chat-test.jsonl) lands in a training or dev split.
 """
 import hashlib
 import json
@@ -51,6 +52,12 @@ def read_jsonl(path):
                     sys.exit(f"{path}:{n}: {e}")
 
 
+def read_all(*names):
+    """The rows of several committed JSONL files, in order."""
+    for name in names:
+        yield from read_jsonl(os.path.join(ROOT, name))
+
+
 def write(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -78,10 +85,8 @@ def main():
     reviews_test = list(splits["test"])
     # Two held-out chat test files: lines written as sentiment tests, and the
     # held-out intent test messages labelled for sentiment.
-    tests = ("data/sentiment/test.jsonl", "data/sentiment/intent-test.jsonl")
-    held_out = {norm(r["text"]) for name in tests for r in read_jsonl(os.path.join(ROOT, name))}
-    chat_files = ("data/sentiment/extra.jsonl", "data/sentiment/intent-messages.jsonl")
-    for r in (r for name in chat_files for r in read_jsonl(os.path.join(ROOT, name))):
+    held_out = {norm(r["text"]) for r in read_all("data/sentiment/test.jsonl", "data/sentiment/intent-test.jsonl")}
+    for r in read_all("data/sentiment/extra.jsonl", "data/sentiment/intent-messages.jsonl"):
         text = norm(r["text"])
         if text in seen or text in held_out:
             continue
@@ -89,7 +94,7 @@ def main():
         # Hand-written chat lines are scarce: all of them train, but 1 in 10 goes to dev.
         s = "dev" if bucket(text) >= 90 else "train"
         splits[s].append({"text": text, "label": r["label"], "source": "chat"})
-    # Reviews outnumber chat lines 7 to 1 and have no neutral class: repeat the
+    # Reviews outnumber the chat lines and have no neutral class: repeat the
     # chat lines so the model learns what a neutral customer message looks like.
     chat = [r for r in splits["train"] if r["source"] == "chat"]
     write(os.path.join(ROOT, "data/splits/sentiment-train.jsonl"), splits["train"] + chat * 2)
@@ -98,11 +103,9 @@ def main():
 
     # Two held-out intent tests: messages written as intent tests, and the
     # chat sentiment test lines labelled for intent.
-    tests = ("data/intents/test.jsonl", "data/intents/chat-test.jsonl")
-    intent_test = {norm(r["text"]) for name in tests for r in read_jsonl(os.path.join(ROOT, name))}
+    intent_test = {norm(r["text"]) for r in read_all("data/intents/test.jsonl", "data/intents/chat-test.jsonl")}
     train, dev, seen = [], [], set()
-    intent_files = ("data/intents/train.jsonl", "data/intents/chat-lines.jsonl")
-    for r in (r for name in intent_files for r in read_jsonl(os.path.join(ROOT, name))):
+    for r in read_all("data/intents/train.jsonl", "data/intents/chat-lines.jsonl"):
         text = norm(r["text"])
         if text in seen or text in intent_test:
             continue
