@@ -104,9 +104,14 @@ pub struct ClassifyArgs {
     pub model: PathBuf,
     /// Texts to classify; with none, one text per line is read from stdin.
     pub texts: Vec<String>,
-    /// Longest input in tokens; longer texts are truncated.
+    /// Longest input in tokens, [CLS] and [SEP] included (capped by the
+    /// model's positions); longer texts are read in windows of this length.
     #[arg(long, default_value_t = 128)]
     pub max_seq_len: usize,
+    /// Most windows a long text is read in, their probabilities averaged;
+    /// 1 reads only its first --max-seq-len tokens.
+    #[arg(long, default_value_t = classify::tokenizer::DEFAULT_WINDOWS)]
+    pub windows: usize,
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +145,12 @@ pub struct TrainArgs {
     /// gold label (0 ignores them).
     #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
     pub soft_weight: f64,
+    /// Train on up to this many windows of each text longer than
+    /// --max-seq-len, each a row with the text's label, and read dev texts
+    /// in as many windows as the service does (1: only each text's first
+    /// tokens, truncated).
+    #[arg(long, default_value_t = 1)]
+    pub windows: usize,
 }
 
 fn unit_interval(s: &str) -> Result<f64, String> {
@@ -316,8 +327,14 @@ pub struct EvalArgs {
     /// Print one JSON object (accuracy, macro_f1, n, per_label, confusion).
     #[arg(long)]
     pub json: bool,
+    /// Longest input in tokens, [CLS] and [SEP] included (capped by the
+    /// model's positions); longer texts are read in windows of this length.
     #[arg(long, default_value_t = 128)]
     pub max_seq_len: usize,
+    /// Most windows a long text is read in, their probabilities averaged, as
+    /// the service reads it; 1 reads only its first --max-seq-len tokens.
+    #[arg(long, default_value_t = classify::tokenizer::DEFAULT_WINDOWS)]
+    pub windows: usize,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -383,15 +400,16 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
     } else {
         args.texts
     };
-    let pad = classify::worker::pad_id(&ckpt.tokenizer);
     let mut out = std::io::stdout().lock();
     for chunk in texts.chunks(32) {
-        let rows = chunk
-            .iter()
-            .map(|t| classify::tokenizer::encode(&ckpt.tokenizer, t))
-            .collect::<Result<Vec<_>, _>>()?;
-        let slices: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
-        let probs = classify::worker::probabilities(&ckpt.model, &slices, pad, &device)?;
+        let probs = classify::worker::classify_texts(
+            &ckpt.model,
+            &ckpt.tokenizer,
+            chunk,
+            args.windows,
+            32,
+            &device,
+        )?;
         for (text, p) in chunk.iter().zip(probs) {
             let mut scores: Vec<(String, f32)> = ckpt.labels.iter().cloned().zip(p).collect();
             scores.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -425,6 +443,7 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
         init,
         run: run.options(),
         soft_weight: args.soft_weight,
+        windows: args.windows.max(1),
     };
     let report = train::train(&opts)?.report;
     eprintln!(
@@ -520,7 +539,7 @@ fn eval_cmd(args: EvalArgs) -> anyhow::Result<()> {
     // same rule the server applies.
     LabelMap::new(Task::Sentiment, &ckpt.labels, &args.model)
         .or_else(|_| LabelMap::new(Task::Intent, &ckpt.labels, &args.model))?;
-    let metrics = train::evaluate(&ckpt, &args.data, 64)?;
+    let metrics = train::evaluate(&ckpt, &args.data, 64, args.windows)?;
     if args.json {
         println!("{}", serde_json::to_string(&metrics)?);
     } else {

@@ -88,8 +88,8 @@ pub struct ServeArgs {
     pub clock_offset_secs: i64,
 
     /// Longest customer message accepted, in bytes of UTF-8. Longer messages
-    /// get INVALID_ARGUMENT; the classifier only reads the first
-    /// `--max-seq-len` tokens anyway.
+    /// get INVALID_ARGUMENT; the classifiers read at most
+    /// `--classify-windows` windows of `--max-seq-len` tokens of a message.
     #[arg(long, env = "KEFU_MAX_TEXT_BYTES", default_value_t = 4000)]
     pub max_text_bytes: usize,
 
@@ -260,10 +260,16 @@ impl DeviceArgs {
 /// under load and cost latency for the messages that wait for them.
 #[derive(Debug, Clone, Args)]
 pub struct ClassifierArgs {
-    /// Longest input in tokens, [CLS] and [SEP] included; longer texts are
-    /// truncated. Attention cost grows with the square of this.
+    /// Longest input in tokens, [CLS] and [SEP] included (capped by each
+    /// model's positions); longer texts are read in windows of this length.
+    /// Attention cost grows with the square of this.
     #[arg(long, env = "KEFU_MAX_SEQ_LEN", default_value_t = 128)]
     pub max_seq_len: usize,
+
+    /// Most windows a long message is read in, evenly spread over it, their
+    /// probabilities averaged; 1 reads only its first --max-seq-len tokens.
+    #[arg(long, env = "KEFU_CLASSIFY_WINDOWS", default_value_t = crate::classify::tokenizer::DEFAULT_WINDOWS)]
+    pub classify_windows: usize,
 
     /// Most messages in one forward pass.
     #[arg(long, env = "KEFU_CLASSIFY_MAX_BATCH", default_value_t = 32)]
@@ -288,6 +294,7 @@ impl ClassifierArgs {
                 max_batch: self.max_batch.max(1),
                 max_batch_tokens: self.max_batch_tokens.max(self.max_seq_len),
                 queue: self.queue.max(1),
+                windows: self.classify_windows.max(1),
             },
             device: Policy::default(),
         }
@@ -301,6 +308,7 @@ impl Default for ClassifierArgs {
             max_batch: 32,
             max_batch_tokens: 4096,
             queue: 1024,
+            classify_windows: crate::classify::tokenizer::DEFAULT_WINDOWS,
         }
     }
 }

@@ -165,3 +165,98 @@ pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, Error> {
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
     Ok(enc.get_ids().to_vec())
 }
+
+/// How many windows a long text is read in by default: a message of the
+/// service's largest size (4,000 bytes) costs at most this many rows.
+pub const DEFAULT_WINDOWS: usize = 8;
+
+/// Token rows for one text. A text that fits the tokenizer's maximum length
+/// is one row, exactly as [`encode`] gives it. A longer one is read in
+/// windows of that length, as few as cover all of it and at most
+/// `max_windows`, evenly spread from its first token to its last (they
+/// overlap where they must), each framed by the special tokens a single text
+/// gets. Classifiers average the windows' probabilities, so the verdict at
+/// the end of a long review or complaint counts as much as its opening,
+/// which truncation would keep alone. `max_windows` of 1 is plain truncation.
+pub fn encode_windows(
+    tokenizer: &Tokenizer,
+    text: &str,
+    max_windows: usize,
+) -> Result<Vec<Vec<u32>>, Error> {
+    let enc = tokenizer
+        .encode_fast(text, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let first = enc.get_ids();
+    if enc.get_overflowing().is_empty() || max_windows <= 1 {
+        return Ok(vec![first.to_vec()]);
+    }
+    // The truncated text comes back as consecutive pieces (stride 0), each
+    // framed like `first`: its special tokens lead and trail it.
+    let frame = |mask: &[u32]| {
+        let lead = mask.iter().take_while(|&&m| m == 1).count();
+        let trail = mask.iter().rev().take_while(|&&m| m == 1).count();
+        (lead, trail.min(mask.len() - lead))
+    };
+    let (lead, trail) = frame(enc.get_special_tokens_mask());
+    let width = first.len() - lead - trail;
+    if width == 0 {
+        return Ok(vec![first.to_vec()]);
+    }
+    let mut content = first[lead..first.len() - trail].to_vec();
+    for piece in enc.get_overflowing() {
+        let (l, t) = frame(piece.get_special_tokens_mask());
+        let ids = piece.get_ids();
+        content.extend_from_slice(&ids[l..ids.len() - t]);
+    }
+    Ok(window_starts(content.len(), width, max_windows)
+        .into_iter()
+        .map(|start| {
+            let mut row = Vec::with_capacity(first.len());
+            row.extend_from_slice(&first[..lead]);
+            row.extend_from_slice(&content[start..start + width]);
+            row.extend_from_slice(&first[first.len() - trail..]);
+            row
+        })
+        .collect())
+}
+
+/// Where each window of `width` tokens starts in a text of `len` tokens: as
+/// few windows as cover it, at most `max`, evenly spaced, the first at 0
+/// and the last ending at `len`.
+pub fn window_starts(len: usize, width: usize, max: usize) -> Vec<usize> {
+    if len <= width || width == 0 || max <= 1 {
+        return vec![0];
+    }
+    let k = len.div_ceil(width).min(max);
+    let span = len - width;
+    (0..k).map(|i| (i * span + (k - 1) / 2) / (k - 1)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_cover_a_long_text_evenly() {
+        assert_eq!(window_starts(10, 10, 8), vec![0]);
+        assert_eq!(window_starts(11, 10, 8), vec![0, 1]);
+        assert_eq!(window_starts(20, 10, 8), vec![0, 10]);
+        // 25 tokens need three windows of 10: 0..10, 8..18 (7.5 rounded
+        // up), 15..25.
+        assert_eq!(window_starts(25, 10, 8), vec![0, 8, 15]);
+        // Capped: the windows spread out and leave gaps between them.
+        assert_eq!(window_starts(100, 10, 3), vec![0, 45, 90]);
+        assert_eq!(window_starts(100, 10, 1), vec![0]);
+        for (len, width, max) in [(97, 94, 8), (500, 94, 8), (1333, 94, 8), (190, 62, 4)] {
+            let starts = window_starts(len, width, max);
+            assert_eq!(starts[0], 0);
+            assert_eq!(starts.last().unwrap() + width, len);
+            assert!(starts.windows(2).all(|w| w[0] < w[1]));
+            assert!(starts.len() <= max);
+            if starts.len() < max {
+                // Uncapped: no token is left out.
+                assert!(starts.windows(2).all(|w| w[1] <= w[0] + width));
+            }
+        }
+    }
+}

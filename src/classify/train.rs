@@ -56,6 +56,9 @@ pub struct TrainOptions {
     /// For training lines with a teacher's `probabilities`, how much of the
     /// target is the teacher's distribution (the rest is the gold label).
     pub soft_weight: f64,
+    /// Windows of a long text that become training rows, and that a dev
+    /// text is read in (see [`tokenizer::encode_windows`]); 1 truncates.
+    pub windows: usize,
 }
 
 /// How a training run goes; `kefu train` and `kefu pretrain` alike.
@@ -88,6 +91,8 @@ pub struct TrainReport {
     /// Loss of every step, in order.
     pub step_losses: Vec<f32>,
     pub train_examples: usize,
+    /// Rows trained on: one per example, or one per window with `--windows`.
+    pub train_rows: usize,
     pub dev_examples: usize,
     /// Weights that started fresh when fine-tuning: the classifier, and the
     /// pooler when the checkpoint is a masked-LM one.
@@ -247,6 +252,30 @@ fn encode_all(tok: &Tokenizer, examples: &[Example]) -> Result<Encoded, Error> {
     Ok(Encoded { ids, labels, soft })
 }
 
+/// Like [`encode_all`], with a text longer than the tokenizer's maximum
+/// length giving one row per window (up to `windows`), each with the text's
+/// label and teacher distribution: the model learns from the end of a long
+/// review as well as from its opening.
+fn encode_windows_all(
+    tok: &Tokenizer,
+    examples: &[Example],
+    windows: usize,
+) -> Result<Encoded, Error> {
+    let mut enc = Encoded {
+        ids: Vec::with_capacity(examples.len()),
+        labels: Vec::with_capacity(examples.len()),
+        soft: Vec::with_capacity(examples.len()),
+    };
+    for e in examples {
+        for row in tokenizer::encode_windows(tok, &e.text, windows)? {
+            enc.ids.push(row);
+            enc.labels.push(e.label as u32);
+            enc.soft.push(e.soft.clone());
+        }
+    }
+    Ok(enc)
+}
+
 /// The training target of each row of a batch: the gold label, blended with
 /// `weight` of the teacher's distribution where a row has one; `None` when
 /// no row has one (plain cross-entropy then).
@@ -305,20 +334,35 @@ pub fn predict(
     Ok(out)
 }
 
-/// Accuracy and friends of a checkpoint on labelled examples.
-pub fn evaluate(ckpt: &Checkpoint, path: &Path, batch: usize) -> Result<Metrics, Error> {
+/// Accuracy and friends of a checkpoint on labelled examples, each text
+/// read as the service reads it: long ones in up to `windows` windows
+/// whose probabilities are averaged (training's own dev figure reads only
+/// the first window, as training does).
+pub fn evaluate(
+    ckpt: &Checkpoint,
+    path: &Path,
+    batch: usize,
+    windows: usize,
+) -> Result<Metrics, Error> {
     let labels: Vec<&str> = ckpt.labels.iter().map(String::as_str).collect();
     let examples = read_jsonl(path, &labels)?;
-    let enc = encode_all(&ckpt.tokenizer, &examples)?;
-    let pred = predict(
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let probs = super::worker::classify_texts(
         &ckpt.model,
-        &enc.ids,
-        pad_id(&ckpt.tokenizer),
+        &ckpt.tokenizer,
+        &texts,
+        windows,
         batch,
         &Device::Cpu,
     )?;
-    let gold: Vec<usize> = enc.labels.iter().map(|&l| l as usize).collect();
+    let pred: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
+    let gold: Vec<usize> = examples.iter().map(|e| e.label).collect();
     Ok(Metrics::compute(&ckpt.labels, &gold, &pred))
+}
+
+/// The index of the largest probability (the first of equals).
+fn argmax(p: &[f32]) -> usize {
+    (0..p.len()).fold(0, |best, i| if p[i] > p[best] { i } else { best })
 }
 
 /// AdamW as the seed's recipe sets it up: weight decay for weights but not
@@ -776,8 +820,13 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
             .min(trainable.config.max_position_embeddings),
     )?;
     let pad = pad_id(&tok);
-    let train_enc = encode_all(&tok, &train_ex)?;
+    let train_enc = if opts.windows > 1 {
+        encode_windows_all(&tok, &train_ex, opts.windows)?
+    } else {
+        encode_all(&tok, &train_ex)?
+    };
     let dev_enc = encode_all(&tok, &dev_ex)?;
+    let dev_texts: Vec<&str> = dev_ex.iter().map(|e| e.text.as_str()).collect();
     let lengths: Vec<usize> = train_enc.ids.iter().map(Vec::len).collect();
 
     let mut steps = Steps::new(&trainable.varmap, &opts.run, train_enc.ids.len())?;
@@ -789,6 +838,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
         epoch_losses: Vec::new(),
         step_losses: Vec::new(),
         train_examples: train_ex.len(),
+        train_rows: train_enc.ids.len(),
         dev_examples: dev_ex.len(),
         fresh_head,
     };
@@ -821,7 +871,19 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
         let (acc, best) = steps.keep_if_better(
             report.best_dev_accuracy,
             || {
-                let pred = predict(&trainable.model, &dev_enc.ids, pad, 64, &device)?;
+                let pred = if opts.windows > 1 {
+                    let probs = super::worker::classify_texts(
+                        &trainable.model,
+                        &tok,
+                        &dev_texts,
+                        opts.windows,
+                        64,
+                        &device,
+                    )?;
+                    probs.iter().map(|p| argmax(p)).collect()
+                } else {
+                    predict(&trainable.model, &dev_enc.ids, pad, 64, &device)?
+                };
                 let correct = pred
                     .iter()
                     .zip(&dev_enc.labels)

@@ -22,6 +22,10 @@ pub struct BatchLimits {
     pub max_batch_tokens: usize,
     /// Most messages waiting; past it callers get `Error::Overloaded`.
     pub queue: usize,
+    /// Most windows one long text is read in, their probabilities averaged
+    /// (1: only its first tokens, truncated); see
+    /// [`super::tokenizer::encode_windows`].
+    pub windows: usize,
 }
 
 impl Default for BatchLimits {
@@ -30,6 +34,7 @@ impl Default for BatchLimits {
             max_batch: 32,
             max_batch_tokens: 4096,
             queue: 1024,
+            windows: super::tokenizer::DEFAULT_WINDOWS,
         }
     }
 }
@@ -46,6 +51,7 @@ pub struct ModelWorker {
     tokenizer: Arc<Tokenizer>,
     labels: LabelMap,
     queue: usize,
+    windows: usize,
     device: &'static str,
 }
 
@@ -62,6 +68,7 @@ impl ModelWorker {
         let tokenizer = Arc::new(checkpoint.tokenizer.clone());
         let pad_id = pad_id(&checkpoint.tokenizer);
         let queue = limits.queue;
+        let windows = limits.windows.max(1);
         let label = super::device_label(&device);
         let name = format!(
             "kefu-classify-{}",
@@ -80,6 +87,7 @@ impl ModelWorker {
             tokenizer,
             labels,
             queue,
+            windows,
             device: label,
         }
     }
@@ -90,25 +98,81 @@ impl ModelWorker {
     }
 
     /// Probabilities for each text, in order; tokenization happens on the
-    /// caller's task so the model thread only runs the model.
+    /// caller's task so the model thread only runs the model. A long text
+    /// goes in as several windows, whose probabilities are averaged.
     pub async fn classify_all(&self, texts: &[String]) -> Result<Vec<Vec<LabelScore>>, Error> {
         let mut pending = Vec::with_capacity(texts.len());
         for text in texts {
-            let ids = super::tokenizer::encode(&self.tokenizer, text)?;
-            let (reply, rx) = oneshot::channel();
-            self.tx.try_send(Job { ids, reply }).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => Error::Overloaded(self.queue),
-                mpsc::error::TrySendError::Closed(_) => Error::Unavailable,
-            })?;
-            pending.push(rx);
+            let rows = super::tokenizer::encode_windows(&self.tokenizer, text, self.windows)?;
+            let mut replies = Vec::with_capacity(rows.len());
+            for ids in rows {
+                let (reply, rx) = oneshot::channel();
+                self.tx.try_send(Job { ids, reply }).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => Error::Overloaded(self.queue),
+                    mpsc::error::TrySendError::Closed(_) => Error::Unavailable,
+                })?;
+                replies.push(rx);
+            }
+            pending.push(replies);
         }
         let mut out = Vec::with_capacity(pending.len());
-        for rx in pending {
-            let probs = rx.await.map_err(|_| Error::Unavailable)??;
-            out.push(self.labels.scores(&probs));
+        for replies in pending {
+            let mut windows = Vec::with_capacity(replies.len());
+            for rx in replies {
+                windows.push(rx.await.map_err(|_| Error::Unavailable)??);
+            }
+            out.push(self.labels.scores(&mean(&windows)));
         }
         Ok(out)
     }
+}
+
+/// The element-wise mean of a text's window probabilities.
+pub fn mean(windows: &[Vec<f32>]) -> Vec<f32> {
+    let mut sum = windows.first().cloned().unwrap_or_default();
+    for w in &windows[1.min(windows.len())..] {
+        for (s, p) in sum.iter_mut().zip(w) {
+            *s += p;
+        }
+    }
+    let n = windows.len().max(1) as f32;
+    sum.iter_mut().for_each(|s| *s /= n);
+    sum
+}
+
+/// Label probabilities of every text on the calling thread, for the
+/// command line: each text read in up to `max_windows` windows (averaged),
+/// rows of similar length batched together, `batch` per forward pass.
+pub fn classify_texts<S: AsRef<str>>(
+    model: &BertForSequenceClassification,
+    tokenizer: &Tokenizer,
+    texts: &[S],
+    max_windows: usize,
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>, Error> {
+    let mut rows = Vec::with_capacity(texts.len());
+    let mut owner = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        for row in super::tokenizer::encode_windows(tokenizer, text.as_ref(), max_windows)? {
+            rows.push(row);
+            owner.push(i);
+        }
+    }
+    let pad = pad_id(tokenizer);
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| rows[i].len());
+    let mut windows: Vec<Vec<Vec<f32>>> = vec![Vec::new(); texts.len()];
+    for chunk in order.chunks(batch.max(1)) {
+        let slices: Vec<&[u32]> = chunk.iter().map(|&i| rows[i].as_slice()).collect();
+        for (&i, p) in chunk
+            .iter()
+            .zip(probabilities(model, &slices, pad, device)?)
+        {
+            windows[owner[i]].push(p);
+        }
+    }
+    Ok(windows.iter().map(|w| mean(w)).collect())
 }
 
 pub fn pad_id(tokenizer: &Tokenizer) -> u32 {
@@ -219,5 +283,12 @@ mod tests {
         let (ids, masks) = pad(&[&[101, 5, 102], &[101, 102]], 0);
         assert_eq!(ids, vec![vec![101, 5, 102], vec![101, 102, 0]]);
         assert_eq!(masks, vec![vec![1, 1, 1], vec![1, 1, 0]]);
+    }
+
+    #[test]
+    fn windows_are_averaged() {
+        assert_eq!(mean(&[vec![0.2, 0.8]]), vec![0.2, 0.8]);
+        let m = mean(&[vec![0.1, 0.9], vec![0.5, 0.5], vec![0.9, 0.1]]);
+        assert!((m[0] - 0.5).abs() < 1e-6 && (m[1] - 0.5).abs() < 1e-6);
     }
 }

@@ -3,7 +3,7 @@
 
 use candle_core::Device;
 use kefu::classify::checkpoint::Checkpoint;
-use kefu::classify::worker::{logits, pad_id, probabilities};
+use kefu::classify::worker::{classify_texts, logits, pad_id, probabilities};
 use kefu::classify::{tokenizer, BatchLimits, LabelMap, ModelWorker, Task};
 
 use crate::common::{expected, fixture};
@@ -144,6 +144,7 @@ async fn concurrent_requests_through_the_worker_get_the_reference_answers() {
             max_batch: 4,
             max_batch_tokens: 128,
             queue: 64,
+            ..BatchLimits::default()
         },
     );
     // Many concurrent callers: the worker batches them by count and tokens.
@@ -160,16 +161,23 @@ async fn concurrent_requests_through_the_worker_get_the_reference_answers() {
     }
     for task in tasks {
         let (text, got) = task.await.unwrap();
-        let ids = tokenizer::encode(&reference.tokenizer, &text).unwrap();
-        let want = probabilities(
-            &reference.model,
-            &[&ids],
-            pad_id(&reference.tokenizer),
-            &Device::Cpu,
-        )
-        .unwrap()
-        .remove(0);
-        let want = map.scores(&want);
+        // Each window of the text on its own (the last fixture input is
+        // longer than the model reads at once), then their mean.
+        let windows: Vec<Vec<f32>> = tokenizer::encode_windows(&reference.tokenizer, &text, 8)
+            .unwrap()
+            .iter()
+            .map(|ids| {
+                probabilities(
+                    &reference.model,
+                    &[ids],
+                    pad_id(&reference.tokenizer),
+                    &Device::Cpu,
+                )
+                .unwrap()
+                .remove(0)
+            })
+            .collect();
+        let want = map.scores(&kefu::classify::worker::mean(&windows));
         for (g, w) in got.iter().zip(&want) {
             assert_eq!(g.label, w.label);
             assert!((g.probability - w.probability).abs() < 1e-5, "{text}");
@@ -190,9 +198,90 @@ async fn a_full_queue_is_refused_not_waited_on() {
             max_batch: 1,
             max_batch_tokens: 64,
             queue: 2,
+            ..BatchLimits::default()
         },
     );
     let texts: Vec<String> = (0..200).map(|i| format!("第{i}条消息")).collect();
     let err = worker.classify_all(&texts).await.unwrap_err();
     assert!(matches!(err, kefu::classify::Error::Overloaded(2)), "{err}");
+}
+
+/// A message longer than the model reads at once: the rows its windows
+/// make, for a tokenizer.json and a vocab.txt checkpoint.
+#[test]
+fn a_long_text_is_read_in_even_windows_from_its_start_to_its_end() {
+    let text: String = (0..60)
+        .map(|i| ["发", "票", "退", "款", "好", "评", "差", "慢"][i % 8])
+        .collect::<String>()
+        + " the refund never came, 太失望了";
+    for dir in ["tiny-bert", "tiny-bert-pt"] {
+        let ckpt = Checkpoint::load(&fixture(dir), 16, &Device::Cpu).unwrap();
+        let tok = &ckpt.tokenizer;
+        let (cls, sep) = (tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]"));
+        let whole = tokenizer::load(&fixture(dir), 10_000).unwrap();
+        let full = tokenizer::encode(&whole, &text).unwrap();
+        let content = &full[1..full.len() - 1];
+        let rows = tokenizer::encode_windows(tok, &text, 8).unwrap();
+        let starts = tokenizer::window_starts(content.len(), 14, 8);
+        assert_eq!(rows.len(), content.len().div_ceil(14), "{dir}");
+        assert_eq!(rows.len(), starts.len(), "{dir}");
+        assert_eq!(rows[0], tokenizer::encode(tok, &text).unwrap(), "{dir}");
+        for (row, start) in rows.iter().zip(starts) {
+            assert_eq!(row.len(), 16, "{dir}");
+            assert_eq!((row.first().copied(), row.last().copied()), (cls, sep));
+            assert_eq!(&row[1..15], &content[start..start + 14], "{dir}");
+        }
+        // The last window ends with the text's last words.
+        assert_eq!(rows.last().unwrap()[1..15], content[content.len() - 14..]);
+        // A short text, or one window, is exactly what truncation gives.
+        assert_eq!(
+            tokenizer::encode_windows(tok, "转人工", 8).unwrap(),
+            vec![tokenizer::encode(tok, "转人工").unwrap()]
+        );
+        assert_eq!(
+            tokenizer::encode_windows(tok, &text, 1).unwrap(),
+            vec![tokenizer::encode(tok, &text).unwrap()]
+        );
+        // At most `max_windows` rows, still from the first token to the last.
+        let capped = tokenizer::encode_windows(tok, &text, 2).unwrap();
+        assert_eq!(capped.len(), 2);
+        assert_eq!(capped[0], rows[0]);
+        assert_eq!(capped[1], *rows.last().unwrap());
+    }
+}
+
+/// The worker and the command line give a long text the mean of its
+/// windows' probabilities, each window classified on its own.
+#[tokio::test]
+async fn a_long_texts_probabilities_are_the_mean_of_its_windows() {
+    let dir = fixture("tiny-bert");
+    let text = "物流太慢了，等了整整两个星期才到。".repeat(6) + "不过客服态度很好，谢谢";
+    let ckpt = Checkpoint::load(&dir, 16, &Device::Cpu).unwrap();
+    let pad = pad_id(&ckpt.tokenizer);
+    let rows = tokenizer::encode_windows(&ckpt.tokenizer, &text, 8).unwrap();
+    assert!(rows.len() > 2);
+    let each: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|r| {
+            probabilities(&ckpt.model, &[r], pad, &Device::Cpu)
+                .unwrap()
+                .remove(0)
+        })
+        .collect();
+    let want: Vec<f32> = (0..each[0].len())
+        .map(|j| each.iter().map(|p| p[j]).sum::<f32>() / each.len() as f32)
+        .collect();
+    let texts = [text.clone(), "好评".to_string()];
+    let cli = classify_texts(&ckpt.model, &ckpt.tokenizer, &texts, 8, 4, &Device::Cpu).unwrap();
+    assert_close(&cli[..1], std::slice::from_ref(&want), 1e-5, "command line");
+    let map = LabelMap::new(Task::Sentiment, &ckpt.labels, &dir).unwrap();
+    let worker = ModelWorker::spawn(ckpt, Device::Cpu, map.clone(), BatchLimits::default());
+    let got = worker.classify_all(&texts).await.unwrap();
+    for (g, w) in got[0].iter().zip(map.scores(&want)) {
+        assert_eq!(g.label, w.label);
+        assert!((g.probability - w.probability).abs() < 1e-5);
+    }
+    for (g, w) in got[1].iter().zip(map.scores(&cli[1])) {
+        assert!((g.probability - w.probability).abs() < 1e-5);
+    }
 }

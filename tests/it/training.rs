@@ -38,6 +38,7 @@ fn options(task: Task, data: PathBuf, dev: PathBuf, out: PathBuf, init: Init) ->
         init,
         run: run(),
         soft_weight: 0.5,
+        windows: 1,
     }
 }
 
@@ -94,6 +95,31 @@ fn assert_loss_falls(losses: &[f32], factor: f32, what: &str) {
         last < first * factor,
         "{what} did not fall: {first} -> {last}"
     );
+}
+
+#[test]
+fn long_texts_train_as_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = sample("data/intents/train.jsonl", 120, dir.path(), "train.jsonl");
+    let dev = sample("data/intents/test.jsonl", 30, dir.path(), "dev.jsonl");
+    let out = dir.path().join("model");
+    let mut opts = options(Task::Intent, data, dev, out.clone(), tiny());
+    opts.run.epochs = 1;
+    opts.run.max_steps = Some(8);
+    opts.run.max_len = 12;
+    opts.windows = 3;
+    let trained = train(&opts).expect("training runs");
+    let report = &trained.report;
+    assert_eq!(report.train_examples, 120);
+    // Messages longer than ten tokens give two or three rows each.
+    assert!(
+        report.train_rows > report.train_examples,
+        "{} rows",
+        report.train_rows
+    );
+    assert!(report.train_rows <= 3 * report.train_examples);
+    assert!((0.0..=1.0).contains(&report.best_dev_accuracy));
+    assert!(out.join("model.safetensors").exists());
 }
 
 #[test]
