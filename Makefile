@@ -60,8 +60,8 @@ train-sentiment: models data
 	  --out data/splits/sentiment-train-taught.jsonl
 	$(KEFU) train --task sentiment --config --vocab models/bert-base-chinese/vocab.txt --add-words 2 \
 	  --hidden-size 128 --layers 2 --heads 2 --intermediate-size 512 --max-seq-len 96 \
-	  --epochs 3 --batch-size 32 --learning-rate 1e-3 --seed 1 --half \
-	  --data data/splits/sentiment-train-taught.jsonl --soft-weight 0.5 \
+	  --epochs 3 --batch-size 32 --learning-rate 1e-3 --seed 7 --half \
+	  --data data/splits/sentiment-train-taught.jsonl --soft-weight 0.5 --windows 8 \
 	  --dev data/splits/sentiment-dev.jsonl --out models/sentiment
 
 # Masked-LM pretraining on the training splits' text (reviews, chat lines,
