@@ -151,6 +151,58 @@ async fn classify_returns_every_label_with_probabilities() {
     server.stop().await.unwrap();
 }
 
+/// A message longer than the classifier's positions is read in windows, as
+/// `--classify-windows` says; with 1 it is truncated.
+#[tokio::test]
+async fn classify_reads_a_long_message_in_the_configured_windows() {
+    use kefu::classify::checkpoint::Checkpoint;
+    use kefu::classify::worker::classify_texts;
+
+    let text =
+        "快递三天就到了，包装也很好。".repeat(8) + "可是用了一天就坏了，客服也不理人，太失望了";
+    let local = Checkpoint::load(&fixture("tiny-bert"), 128, &candle_core::Device::Cpu).unwrap();
+    let read = |windows: usize| {
+        classify_texts(
+            &local.model,
+            &local.tokenizer,
+            std::slice::from_ref(&text),
+            windows,
+            8,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .remove(0)
+    };
+    let (whole, first) = (read(8), read(1));
+    assert!(
+        whole.iter().zip(&first).any(|(a, b)| (a - b).abs() > 1e-4),
+        "the windows change the answer: {whole:?} vs {first:?}"
+    );
+    for (windows, want) in [(8, whole), (1, first)] {
+        let mut a = args();
+        a.classifier.classify_windows = windows;
+        let server = serving(a).await;
+        let reply = ChatServiceClient::new(server.channel.clone())
+            .classify(ClassifyRequest {
+                texts: vec![text.clone()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for score in &reply.results[0].sentiment_scores {
+            let i = local.labels.iter().position(|l| *l == score.label).unwrap();
+            assert!(
+                (score.probability - want[i]).abs() < 1e-5,
+                "windows {windows}: {} {} vs {}",
+                score.label,
+                score.probability,
+                want[i]
+            );
+        }
+        server.stop().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn classify_rejects_bad_input_with_the_limit() {
     let mut a = args();
