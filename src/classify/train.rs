@@ -18,7 +18,7 @@ use super::checkpoint::{Checkpoint, Trainable};
 use super::data::{read_jsonl, Example};
 use super::metrics::Metrics;
 pub use super::rng::Rng;
-use super::worker::{logits, pad_id};
+use super::worker::{logits, pad_id, WindowRows};
 use super::{tokenizer, Error, Task};
 
 /// Shape of a model trained from scratch.
@@ -242,38 +242,18 @@ pub(crate) struct Encoded {
     soft: Vec<Option<Vec<f32>>>,
 }
 
-fn encode_all(tok: &Tokenizer, examples: &[Example]) -> Result<Encoded, Error> {
-    let ids = examples
-        .iter()
-        .map(|e| tokenizer::encode(tok, &e.text))
-        .collect::<Result<Vec<_>, _>>()?;
-    let labels = examples.iter().map(|e| e.label as u32).collect();
-    let soft = examples.iter().map(|e| e.soft.clone()).collect();
-    Ok(Encoded { ids, labels, soft })
-}
-
-/// Like [`encode_all`], with a text longer than the tokenizer's maximum
-/// length giving one row per window (up to `windows`), each with the text's
-/// label and teacher distribution: the model learns from the end of a long
-/// review as well as from its opening.
-fn encode_windows_all(
-    tok: &Tokenizer,
-    examples: &[Example],
-    windows: usize,
-) -> Result<Encoded, Error> {
-    let mut enc = Encoded {
-        ids: Vec::with_capacity(examples.len()),
-        labels: Vec::with_capacity(examples.len()),
-        soft: Vec::with_capacity(examples.len()),
-    };
-    for e in examples {
-        for row in tokenizer::encode_windows(tok, &e.text, windows)? {
-            enc.ids.push(row);
-            enc.labels.push(e.label as u32);
-            enc.soft.push(e.soft.clone());
-        }
-    }
-    Ok(enc)
+/// Token rows of `examples`, each with its example's label and teacher
+/// distribution: one row per example, or with `windows` above 1 one per
+/// window of a text longer than the tokenizer's maximum length, so the model
+/// learns from the end of a long review as well as from its opening.
+fn encode_all(tok: &Tokenizer, examples: &[Example], windows: usize) -> Result<Encoded, Error> {
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let WindowRows { rows, owner, .. } = WindowRows::new(tok, &texts, windows)?;
+    Ok(Encoded {
+        labels: owner.iter().map(|&i| examples[i].label as u32).collect(),
+        soft: owner.iter().map(|&i| examples[i].soft.clone()).collect(),
+        ids: rows,
+    })
 }
 
 /// The training target of each row of a batch: the gold label, blended with
@@ -820,13 +800,13 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
             .min(trainable.config.max_position_embeddings),
     )?;
     let pad = pad_id(&tok);
-    let train_enc = if opts.windows > 1 {
-        encode_windows_all(&tok, &train_ex, opts.windows)?
-    } else {
-        encode_all(&tok, &train_ex)?
-    };
-    let dev_enc = encode_all(&tok, &dev_ex)?;
+    let train_enc = encode_all(&tok, &train_ex, opts.windows)?;
+    let dev_enc = encode_all(&tok, &dev_ex, 1)?;
+    // With --windows, dev texts are read in windows, as the service reads them.
     let dev_texts: Vec<&str> = dev_ex.iter().map(|e| e.text.as_str()).collect();
+    let dev_windows = (opts.windows > 1)
+        .then(|| WindowRows::new(&tok, &dev_texts, opts.windows))
+        .transpose()?;
     let lengths: Vec<usize> = train_enc.ids.iter().map(Vec::len).collect();
 
     let mut steps = Steps::new(&trainable.varmap, &opts.run, train_enc.ids.len())?;
@@ -871,18 +851,13 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
         let (acc, best) = steps.keep_if_better(
             report.best_dev_accuracy,
             || {
-                let pred = if opts.windows > 1 {
-                    let probs = super::worker::classify_texts(
-                        &trainable.model,
-                        &tok,
-                        &dev_texts,
-                        opts.windows,
-                        64,
-                        &device,
-                    )?;
-                    probs.iter().map(|p| argmax(p)).collect()
-                } else {
-                    predict(&trainable.model, &dev_enc.ids, pad, 64, &device)?
+                let pred = match &dev_windows {
+                    Some(w) => w
+                        .probabilities(&trainable.model, pad, 64, &device)?
+                        .iter()
+                        .map(|p| argmax(p))
+                        .collect(),
+                    None => predict(&trainable.model, &dev_enc.ids, pad, 64, &device)?,
                 };
                 let correct = pred
                     .iter()

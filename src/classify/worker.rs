@@ -129,20 +129,77 @@ impl ModelWorker {
 
 /// The element-wise mean of a text's window probabilities.
 pub fn mean(windows: &[Vec<f32>]) -> Vec<f32> {
-    let mut sum = windows.first().cloned().unwrap_or_default();
-    for w in &windows[1.min(windows.len())..] {
+    let Some((first, rest)) = windows.split_first() else {
+        return Vec::new();
+    };
+    let mut sum = first.clone();
+    for w in rest {
         for (s, p) in sum.iter_mut().zip(w) {
             *s += p;
         }
     }
-    let n = windows.len().max(1) as f32;
+    let n = windows.len() as f32;
     sum.iter_mut().for_each(|s| *s /= n);
     sum
 }
 
+/// The window rows of several texts (see
+/// [`super::tokenizer::encode_windows`]), and which text each row reads.
+pub struct WindowRows {
+    pub rows: Vec<Vec<u32>>,
+    pub owner: Vec<usize>,
+    pub texts: usize,
+}
+
+impl WindowRows {
+    pub fn new<S: AsRef<str>>(
+        tokenizer: &Tokenizer,
+        texts: &[S],
+        max_windows: usize,
+    ) -> Result<Self, Error> {
+        let mut rows = Vec::with_capacity(texts.len());
+        let mut owner = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            for row in super::tokenizer::encode_windows(tokenizer, text.as_ref(), max_windows)? {
+                rows.push(row);
+                owner.push(i);
+            }
+        }
+        Ok(Self {
+            rows,
+            owner,
+            texts: texts.len(),
+        })
+    }
+
+    /// Each text's label probabilities, the mean of its windows'; rows of
+    /// similar length batched together, `batch` per forward pass.
+    pub fn probabilities(
+        &self,
+        model: &BertForSequenceClassification,
+        pad_id: u32,
+        batch: usize,
+        device: &Device,
+    ) -> Result<Vec<Vec<f32>>, Error> {
+        let mut order: Vec<usize> = (0..self.rows.len()).collect();
+        order.sort_by_key(|&i| self.rows[i].len());
+        let mut windows: Vec<Vec<Vec<f32>>> = vec![Vec::new(); self.texts];
+        for chunk in order.chunks(batch.max(1)) {
+            let slices: Vec<&[u32]> = chunk.iter().map(|&i| self.rows[i].as_slice()).collect();
+            for (&i, p) in chunk
+                .iter()
+                .zip(probabilities(model, &slices, pad_id, device)?)
+            {
+                windows[self.owner[i]].push(p);
+            }
+        }
+        Ok(windows.iter().map(|w| mean(w)).collect())
+    }
+}
+
 /// Label probabilities of every text on the calling thread, for the
 /// command line: each text read in up to `max_windows` windows (averaged),
-/// rows of similar length batched together, `batch` per forward pass.
+/// `batch` rows per forward pass.
 pub fn classify_texts<S: AsRef<str>>(
     model: &BertForSequenceClassification,
     tokenizer: &Tokenizer,
@@ -151,28 +208,12 @@ pub fn classify_texts<S: AsRef<str>>(
     batch: usize,
     device: &Device,
 ) -> Result<Vec<Vec<f32>>, Error> {
-    let mut rows = Vec::with_capacity(texts.len());
-    let mut owner = Vec::with_capacity(texts.len());
-    for (i, text) in texts.iter().enumerate() {
-        for row in super::tokenizer::encode_windows(tokenizer, text.as_ref(), max_windows)? {
-            rows.push(row);
-            owner.push(i);
-        }
-    }
-    let pad = pad_id(tokenizer);
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&i| rows[i].len());
-    let mut windows: Vec<Vec<Vec<f32>>> = vec![Vec::new(); texts.len()];
-    for chunk in order.chunks(batch.max(1)) {
-        let slices: Vec<&[u32]> = chunk.iter().map(|&i| rows[i].as_slice()).collect();
-        for (&i, p) in chunk
-            .iter()
-            .zip(probabilities(model, &slices, pad, device)?)
-        {
-            windows[owner[i]].push(p);
-        }
-    }
-    Ok(windows.iter().map(|w| mean(w)).collect())
+    WindowRows::new(tokenizer, texts, max_windows)?.probabilities(
+        model,
+        pad_id(tokenizer),
+        batch,
+        device,
+    )
 }
 
 pub fn pad_id(tokenizer: &Tokenizer) -> u32 {

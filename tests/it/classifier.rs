@@ -17,6 +17,18 @@ fn assert_close(ours: &[Vec<f32>], theirs: &[Vec<f32>], tol: f32, what: &str) {
     }
 }
 
+/// Each row's probabilities from a forward pass of its own.
+fn each_alone(ckpt: &Checkpoint, rows: &[&[u32]]) -> Vec<Vec<f32>> {
+    let pad = pad_id(&ckpt.tokenizer);
+    rows.iter()
+        .map(|r| {
+            probabilities(&ckpt.model, &[r], pad, &Device::Cpu)
+                .unwrap()
+                .remove(0)
+        })
+        .collect()
+}
+
 fn check_checkpoint(dir: &str) {
     let exp = expected();
     let ckpt = Checkpoint::load(&fixture(dir), exp.max_len, &Device::Cpu).expect("fixture loads");
@@ -85,14 +97,7 @@ fn a_batch_gives_the_same_probabilities_as_one_by_one() {
         .collect();
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let batched = probabilities(&ckpt.model, &rows, pad, &Device::Cpu).unwrap();
-    let single: Vec<Vec<f32>> = rows
-        .iter()
-        .map(|r| {
-            probabilities(&ckpt.model, &[r], pad, &Device::Cpu)
-                .unwrap()
-                .remove(0)
-        })
-        .collect();
+    let single = each_alone(&ckpt, &rows);
     assert_close(&batched, &single, 1e-5, "batched vs single");
     for p in &batched {
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
@@ -163,20 +168,11 @@ async fn concurrent_requests_through_the_worker_get_the_reference_answers() {
         let (text, got) = task.await.unwrap();
         // Each window of the text on its own (the last fixture input is
         // longer than the model reads at once), then their mean.
-        let windows: Vec<Vec<f32>> = tokenizer::encode_windows(&reference.tokenizer, &text, 8)
-            .unwrap()
-            .iter()
-            .map(|ids| {
-                probabilities(
-                    &reference.model,
-                    &[ids],
-                    pad_id(&reference.tokenizer),
-                    &Device::Cpu,
-                )
-                .unwrap()
-                .remove(0)
-            })
-            .collect();
+        let rows = tokenizer::encode_windows(&reference.tokenizer, &text, 8).unwrap();
+        let windows = each_alone(
+            &reference,
+            &rows.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+        );
         let want = map.scores(&kefu::classify::worker::mean(&windows));
         for (g, w) in got.iter().zip(&want) {
             assert_eq!(g.label, w.label);
@@ -257,17 +253,9 @@ async fn a_long_texts_probabilities_are_the_mean_of_its_windows() {
     let dir = fixture("tiny-bert");
     let text = "物流太慢了，等了整整两个星期才到。".repeat(6) + "不过客服态度很好，谢谢";
     let ckpt = Checkpoint::load(&dir, 16, &Device::Cpu).unwrap();
-    let pad = pad_id(&ckpt.tokenizer);
     let rows = tokenizer::encode_windows(&ckpt.tokenizer, &text, 8).unwrap();
     assert!(rows.len() > 2);
-    let each: Vec<Vec<f32>> = rows
-        .iter()
-        .map(|r| {
-            probabilities(&ckpt.model, &[r], pad, &Device::Cpu)
-                .unwrap()
-                .remove(0)
-        })
-        .collect();
+    let each = each_alone(&ckpt, &rows.iter().map(Vec::as_slice).collect::<Vec<_>>());
     let want: Vec<f32> = (0..each[0].len())
         .map(|j| each.iter().map(|p| p[j]).sum::<f32>() / each.len() as f32)
         .collect();
