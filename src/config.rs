@@ -280,8 +280,9 @@ pub struct ClassifierArgs {
     #[arg(long, env = "KEFU_CLASSIFY_MAX_BATCH_TOKENS", default_value_t = 4096)]
     pub max_batch_tokens: usize,
 
-    /// Most messages waiting for each classifier; past it callers get
-    /// RESOURCE_EXHAUSTED instead of an ever longer wait.
+    /// Most messages waiting for each classifier (a long message takes one
+    /// place per window); past it callers get RESOURCE_EXHAUSTED instead of
+    /// an ever longer wait.
     #[arg(long, env = "KEFU_CLASSIFY_QUEUE", default_value_t = 1024)]
     pub queue: usize,
 }

@@ -316,8 +316,8 @@ pub fn predict(
 
 /// Accuracy and friends of a checkpoint on labelled examples, each text
 /// read as the service reads it: long ones in up to `windows` windows
-/// whose probabilities are averaged (training's own dev figure reads only
-/// the first window, as training does).
+/// whose probabilities are averaged (training's dev figure reads them so
+/// too with `kefu train --windows`, and only the first window without).
 pub fn evaluate(
     ckpt: &Checkpoint,
     path: &Path,

@@ -20,7 +20,8 @@ pub struct BatchLimits {
     pub max_batch: usize,
     /// Most padded tokens (rows × longest row) in one forward pass.
     pub max_batch_tokens: usize,
-    /// Most messages waiting; past it callers get `Error::Overloaded`.
+    /// Most rows waiting (a message read in windows takes one per window);
+    /// past it callers get `Error::Overloaded`.
     pub queue: usize,
     /// Most windows one long text is read in, their probabilities averaged
     /// (1: only its first tokens, truncated); see
