@@ -248,7 +248,7 @@ pub(crate) struct Encoded {
 /// learns from the end of a long review as well as from its opening.
 fn encode_all(tok: &Tokenizer, examples: &[Example], windows: usize) -> Result<Encoded, Error> {
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-    let WindowRows { rows, owner, .. } = WindowRows::new(tok, &texts, windows)?;
+    let WindowRows { rows, owner } = WindowRows::new(tok, &texts, windows)?;
     Ok(Encoded {
         labels: owner.iter().map(|&i| examples[i].label as u32).collect(),
         soft: owner.iter().map(|&i| examples[i].soft.clone()).collect(),

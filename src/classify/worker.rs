@@ -145,11 +145,11 @@ pub fn mean(windows: &[Vec<f32>]) -> Vec<f32> {
 }
 
 /// The window rows of several texts (see
-/// [`super::tokenizer::encode_windows`]), and which text each row reads.
+/// [`super::tokenizer::encode_windows`]), and which text each row reads;
+/// every text has at least one row, in order.
 pub struct WindowRows {
     pub rows: Vec<Vec<u32>>,
     pub owner: Vec<usize>,
-    pub texts: usize,
 }
 
 impl WindowRows {
@@ -166,11 +166,7 @@ impl WindowRows {
                 owner.push(i);
             }
         }
-        Ok(Self {
-            rows,
-            owner,
-            texts: texts.len(),
-        })
+        Ok(Self { rows, owner })
     }
 
     /// Each text's label probabilities, the mean of its windows'; rows of
@@ -184,7 +180,8 @@ impl WindowRows {
     ) -> Result<Vec<Vec<f32>>, Error> {
         let mut order: Vec<usize> = (0..self.rows.len()).collect();
         order.sort_by_key(|&i| self.rows[i].len());
-        let mut windows: Vec<Vec<Vec<f32>>> = vec![Vec::new(); self.texts];
+        let texts = self.owner.last().map_or(0, |&last| last + 1);
+        let mut windows: Vec<Vec<Vec<f32>>> = vec![Vec::new(); texts];
         for chunk in order.chunks(batch.max(1)) {
             let slices: Vec<&[u32]> = chunk.iter().map(|&i| self.rows[i].as_slice()).collect();
             for (&i, p) in chunk
