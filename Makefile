@@ -65,7 +65,7 @@ train-sentiment: models data
 	  --dev data/splits/sentiment-dev.jsonl --out models/sentiment
 
 # Masked-LM pretraining on the training splits' text (reviews, chat lines,
-# intent messages; never a test file): ~20 min on one core. The intent model
+# intent messages; never a test file): ~26 min on one core. The intent model
 # is fine-tuned from it.
 pretrain: models data
 	$(KEFU) pretrain --vocab models/bert-base-chinese/vocab.txt \
