@@ -13,12 +13,12 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokenizers::Tokenizer;
 
-use super::bert::{BertConfig, BertForSequenceClassification};
+use super::bert::BertConfig;
 use super::checkpoint::{Checkpoint, Trainable};
 use super::data::{read_jsonl, Example};
 use super::metrics::Metrics;
 pub use super::rng::Rng;
-use super::worker::{logits, pad_id, WindowRows};
+use super::worker::{pad_id, WindowRows};
 use super::{tokenizer, Error, Task};
 
 /// Shape of a model trained from scratch.
@@ -289,29 +289,6 @@ pub(crate) fn soft_targets(
 fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     let log_probs = candle_nn::ops::log_softmax(logits, 1)?;
     (log_probs * targets)?.sum(1)?.mean(0)?.neg()
-}
-
-/// Predicted label index of every row, in batches of `batch`.
-pub fn predict(
-    model: &BertForSequenceClassification,
-    rows: &[Vec<u32>],
-    pad: u32,
-    batch: usize,
-    device: &Device,
-) -> Result<Vec<usize>, Error> {
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&i| rows[i].len());
-    let mut out = vec![0usize; rows.len()];
-    for chunk in order.chunks(batch.max(1)) {
-        let slices: Vec<&[u32]> = chunk.iter().map(|&i| rows[i].as_slice()).collect();
-        let pred = logits(model, &slices, pad, device)?
-            .argmax(1)?
-            .to_vec1::<u32>()?;
-        for (&i, p) in chunk.iter().zip(pred) {
-            out[i] = p as usize;
-        }
-    }
-    Ok(out)
 }
 
 /// Accuracy and friends of a checkpoint on labelled examples, each text
@@ -801,12 +778,10 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
     )?;
     let pad = pad_id(&tok);
     let train_enc = encode_all(&tok, &train_ex, opts.windows)?;
-    let dev_enc = encode_all(&tok, &dev_ex, 1)?;
-    // With --windows, dev texts are read in windows, as the service reads them.
+    // Dev texts are read as the service reads them: truncated, or with
+    // --windows in windows whose probabilities are averaged.
     let dev_texts: Vec<&str> = dev_ex.iter().map(|e| e.text.as_str()).collect();
-    let dev_windows = (opts.windows > 1)
-        .then(|| WindowRows::new(&tok, &dev_texts, opts.windows))
-        .transpose()?;
+    let dev_rows = WindowRows::new(&tok, &dev_texts, opts.windows)?;
     let lengths: Vec<usize> = train_enc.ids.iter().map(Vec::len).collect();
 
     let mut steps = Steps::new(&trainable.varmap, &opts.run, train_enc.ids.len())?;
@@ -851,20 +826,13 @@ pub fn train(opts: &TrainOptions) -> Result<Trained, Error> {
         let (acc, best) = steps.keep_if_better(
             report.best_dev_accuracy,
             || {
-                let pred = match &dev_windows {
-                    Some(w) => w
-                        .probabilities(&trainable.model, pad, 64, &device)?
-                        .iter()
-                        .map(|p| argmax(p))
-                        .collect(),
-                    None => predict(&trainable.model, &dev_enc.ids, pad, 64, &device)?,
-                };
-                let correct = pred
+                let probs = dev_rows.probabilities(&trainable.model, pad, 64, &device)?;
+                let correct = probs
                     .iter()
-                    .zip(&dev_enc.labels)
-                    .filter(|(p, g)| **p == **g as usize)
+                    .zip(&dev_ex)
+                    .filter(|(p, e)| argmax(p) == e.label)
                     .count();
-                Ok(correct as f64 / pred.len() as f64)
+                Ok(correct as f64 / probs.len() as f64)
             },
             || save_atomically(&trainable, &tok, &opts.out, opts.run.half),
         )?;
