@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, Semaphore};
 use tracing::Instrument;
 
-use crate::classify::{Classification, Classifier, Language};
+use crate::classify::{Classification, Classifier, Language, Script};
 use crate::generate::prompt::{bounded_history, HistoryTurn, PromptContext, Prompts};
 use crate::generate::{self, Event, Generator, Sampling};
 use crate::redact::redact;
@@ -411,31 +411,51 @@ fn polarity(c: &Classification) -> f32 {
     c.sentiment_probability("positive") - c.sentiment_probability("negative")
 }
 
-fn profile_summary(p: Option<&store::Profile>, lang: Language) -> String {
+fn profile_summary(p: Option<&store::Profile>, lang: Language, script: Script) -> String {
     let Some(p) = p else { return String::new() };
     let mood = if p.sentiment_score >= 0.3 {
-        ("满意", "mostly satisfied")
+        ("满意", "mostly satisfied", "滿意")
     } else if p.sentiment_score <= -0.3 {
-        ("近期不满", "recently unhappy")
+        ("近期不满", "recently unhappy", "近期不滿")
     } else {
-        ("情绪平稳", "calm")
+        ("情绪平稳", "calm", "情緒平穩")
     };
     let top = p
         .intent_counts
         .iter()
         .max_by_key(|(_, n)| **n)
-        .map(|(i, _)| crate::generate::prompt::intent_label(i, lang))
+        .map(|(i, _)| crate::generate::prompt::intent_label(i, lang, script))
         .unwrap_or_default();
-    match lang {
-        Language::Zh => format!(
+    match (lang, script) {
+        (Language::Zh, Script::Traditional) => format!(
+            "老顧客，已諮詢{}次，{}，常問「{}」",
+            p.message_count, mood.2, top
+        ),
+        (Language::Zh, Script::Simplified) => format!(
             "老顾客，已咨询{}次，{}，常问「{}」",
             p.message_count, mood.0, top
         ),
-        Language::En => format!(
+        (Language::En, _) => format!(
             "returning customer, {} messages, {}, often asks about {}",
             p.message_count, mood.1, top
         ),
     }
+}
+
+/// How a Chinese reply is written: as the locale says, else as the message
+/// is written, else as the customer's latest message that shows it ("好的"
+/// after "我的貨到了嗎" is answered in Traditional characters too).
+fn script_of(locale: &str, text: &str, history: &[HistoryTurn]) -> Script {
+    Script::of_locale(locale)
+        .or_else(|| Script::detect(text))
+        .or_else(|| {
+            history
+                .iter()
+                .rev()
+                .filter(|t| t.author == "customer")
+                .find_map(|t| Script::detect(&t.text))
+        })
+        .unwrap_or(Script::Simplified)
 }
 
 fn language_of(locale: &str, text: &str) -> Language {
@@ -546,6 +566,7 @@ impl Pipeline {
                 text: t.text,
             })
             .collect();
+        let script = script_of(&m.locale, &text, &history);
         let state = ConversationState {
             held_by_agent: conv.held_by_agent,
             negative_streak: conv.negative_streak,
@@ -562,6 +583,7 @@ impl Pipeline {
         let mut ctx = PromptContext {
             message: text.clone(),
             language,
+            script,
             intent: intent.to_string(),
             sentiment: classification.top_sentiment().label.to_string(),
             top_intents: classification
@@ -572,7 +594,7 @@ impl Pipeline {
                 .map(|s| s.label.to_string())
                 .collect(),
             order_id,
-            profile: profile_summary(profile.as_ref(), language),
+            profile: profile_summary(profile.as_ref(), language, script),
             priority: decision
                 .priority
                 .map_or("normal", |p| match p {
@@ -830,5 +852,25 @@ mod tests {
         assert_eq!(language_of("", "快递到哪了"), Language::Zh);
         assert_eq!(language_of("zh-CN", "ok"), Language::Zh);
         assert_eq!(language_of("en-US", "快递"), Language::En);
+    }
+
+    #[test]
+    fn script_follows_locale_then_message_then_history() {
+        let turn = |author: &str, text: &str| HistoryTurn {
+            author: author.into(),
+            text: text.into(),
+        };
+        let history = vec![
+            turn("customer", "我的貨到了嗎"),
+            turn("bot", "您好，麻烦提供一下订单号"),
+        ];
+        assert_eq!(script_of("", "好的", &history), Script::Traditional);
+        assert_eq!(script_of("", "好的", &[]), Script::Simplified);
+        assert_eq!(
+            script_of("", "那什么时候发货", &history),
+            Script::Simplified
+        );
+        assert_eq!(script_of("zh-TW", "好的", &[]), Script::Traditional);
+        assert_eq!(script_of("zh-CN", "我的貨到了嗎", &[]), Script::Simplified);
     }
 }

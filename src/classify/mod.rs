@@ -175,6 +175,87 @@ impl Language {
     }
 }
 
+/// How a Chinese message is written. kefu answers in the customer's script:
+/// customers in Taiwan, Hong Kong and Macau write Traditional characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Script {
+    Simplified,
+    Traditional,
+}
+
+impl Script {
+    /// The script a text's characters show: Traditional when it has more
+    /// characters only Traditional writing uses (們, 這, 還, 貨...) than
+    /// characters only Simplified writing uses (们, 这, 还, 货...);
+    /// `None` when neither shows ("好的", "ok", "在嗎在吗").
+    pub fn detect(text: &str) -> Option<Self> {
+        let (mut simplified, mut traditional) = (0usize, 0usize);
+        for c in text.chars().filter(|&c| is_han(c)) {
+            if SIMPLIFIED_ONLY.iter().any(|s| s.contains(c)) {
+                simplified += 1;
+            } else if TRADITIONAL_ONLY.iter().any(|s| s.contains(c)) {
+                traditional += 1;
+            }
+        }
+        match traditional.cmp(&simplified) {
+            std::cmp::Ordering::Greater => Some(Script::Traditional),
+            std::cmp::Ordering::Less => Some(Script::Simplified),
+            std::cmp::Ordering::Equal => None,
+        }
+    }
+
+    /// The script a locale names: zh-TW, zh-HK, zh-MO and zh-Hant are
+    /// Traditional; zh-CN, zh-SG and zh-Hans Simplified; `None` otherwise.
+    pub fn of_locale(locale: &str) -> Option<Self> {
+        let l = locale.to_ascii_lowercase().replace('_', "-");
+        let mut parts = l.split('-');
+        if parts.next() != Some("zh") {
+            return None;
+        }
+        for part in parts {
+            match part {
+                "hant" | "tw" | "hk" | "mo" => return Some(Script::Traditional),
+                "hans" | "cn" | "sg" => return Some(Script::Simplified),
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+/// The 391 characters with a distinct Traditional form that kefu's Chinese
+/// data uses most, less those Taiwan and Hong Kong customers write too (台,
+/// 里, 吃...). From OpenCC's tables (Apache-2.0), ranked by frequency in
+/// `data/`.
+const SIMPLIFIED_ONLY: &[&str] = &[
+    "万与专业东丝丢两严个丰临为丽么义乐习书买乱争于云产亲仅从仓们价优会传伤体余偿儿关",
+    "兴养内册写冲决况冻净准减凑几则刚别办务动劲区医华单卖卫却厂厅历厉压参双发变叶号后",
+    "吗听启呗员响团园围国图场坏块坚垫墙声壳处备复够头妈学宝实宽宾对导将尔尽层属岁师帐",
+    "带帮干并广库应开异张强当录怀态总恶惊惯愿戏户托扫扰抢护报担择挂损换据携摄数断无旧",
+    "时显晕术机杂权条来极柜标样梦检楼欢毕气没洁浅测济温湿满灯灵点烂烟烦烫热爱状独猫环",
+    "现电画畅盖盘码确礼离种积称税稳笔签简类粮紧红约级纯纸纹线细终绍经绒结给络绝统续维",
+    "网职联胶脏脑脚脸节荐营蓝虑虚虽蛮补装裤见观规视觉触计订认让议记讲许论设证评识诉词",
+    "试诚话询该详语误说请读谁调谓谢谱负责败账货质购贴贵费资赔赞赠赶车转软轻载较边达过",
+    "运还这进远连迹适选递遗邮采释钟钢钱铁银铺链销锅错键镜长门闭问间闷闹阅阳际陈险随难",
+    "静页顶项顺须顾预领频颗题颜额风飞饭饮馆馈马驱驿验骗鱼鲜鸡黄齐龙",
+];
+
+/// The 400 Traditional forms of Simplified characters that kefu's Chinese
+/// data, written in Taiwan's and Hong Kong's usage, uses most.
+const TRADITIONAL_ONLY: &[&str] = &[
+    "丟並乾亂來倉個們備傢傳傷僅價優兒內兩凍別則剛劃勁動務區卻厲參員唄問啟單嗎噹嚴國圍",
+    "園圖團執堅報場塊墊壓壞夠媽學實寫寬寶將專對導層屬師帳帶幫幹幾庫廠廣廳張強後從復悶",
+    "愛態慣慮憶應懷戲戶掃掛換損搶擇擔據擾攜攝敗數斷於時暢書會東條業極樂樓標樣機檢櫃權",
+    "歡歲歷殼氣決沒況淨淺減測湊準溫滿潔濟為無煙煩熱燈燙營爛爭爾牀牆獨現環產畢畫異當發",
+    "盡盤確碼禮種稱積穩筆節簡簽糧約紅紋純紙級細紹終結絕絡給絨統絲經維網緊線緻總繫續義",
+    "習聯聲職聽腦腳膠臉臨臺與興舊華萬葉蓋薦藍處號螢術衛衝裏補裝裡製複褲見規視親覺觀觸",
+    "訂計訊記設許訴註評詞詢試話該詳認語誠誤說説誰調請論謂講謝證識譜議護讀變讓豐貓負貨",
+    "責貴買費貼資賓賣質賬購贈贊趕車軟較載輕轉辦這連週進遊運過達遞遠適選遺還邊郵醫釋銀",
+    "銷鋪鋼錄錢錯鍋鍵鏈鏡鐘鐵長門開間閱閲闆關陳陽際隨險隻雖雙雜雞離難電靈靜響頁順須預",
+    "領頭頻顆題額顏願類顧顯風飛飯飲養餘館饋馬騙驅驗驚驛髒體髮鬆鬧鬱魚鮮麗麼黃點黴齊龍",
+];
+
 fn is_han(c: char) -> bool {
     matches!(c as u32,
         0x4E00..=0x9FFF | 0x3400..=0x4DBF | 0x20000..=0x2A6DF | 0xF900..=0xFAFF)
@@ -371,6 +452,46 @@ mod tests {
         assert_eq!(Language::detect("这个size偏大吗"), Language::Zh);
         assert_eq!(Language::detect("订单 4512876390123"), Language::Zh);
         assert_eq!(Language::detect("🙏🙏"), Language::En);
+    }
+
+    #[test]
+    fn script_follows_the_characters_only_one_writing_uses() {
+        assert_eq!(
+            Script::detect("我的貨什麼時候到？"),
+            Some(Script::Traditional)
+        );
+        assert_eq!(
+            Script::detect("退款幾時會返嚟呀"),
+            Some(Script::Traditional)
+        );
+        assert_eq!(
+            Script::detect("我的货什么时候到？"),
+            Some(Script::Simplified)
+        );
+        // 台 and 里 are written in Taiwan too; 們 outweighs them.
+        assert_eq!(
+            Script::detect("台北哪裡可以取貨，我們住在里港"),
+            Some(Script::Traditional)
+        );
+        for neither in ["好的", "ok thanks", "在吗在嗎", "👍", ""] {
+            assert_eq!(Script::detect(neither), None, "{neither}");
+        }
+    }
+
+    #[test]
+    fn script_of_a_locale() {
+        for (locale, script) in [
+            ("zh-TW", Some(Script::Traditional)),
+            ("zh_HK", Some(Script::Traditional)),
+            ("zh-Hant-MO", Some(Script::Traditional)),
+            ("zh-CN", Some(Script::Simplified)),
+            ("zh-Hans", Some(Script::Simplified)),
+            ("zh", None),
+            ("en-US", None),
+            ("", None),
+        ] {
+            assert_eq!(Script::of_locale(locale), script, "{locale}");
+        }
     }
 
     #[test]

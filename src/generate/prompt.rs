@@ -1,5 +1,7 @@
-//! The prompts replies are built from: `prompts/{zh,en}/*.j2`, rendered with
-//! minijinja. Every template is compiled and rendered against sample
+//! The prompts replies are built from: `prompts/{zh,zh-Hant,en}/*.j2`,
+//! rendered with minijinja. `zh-Hant` (Traditional characters, for customers
+//! in Taiwan, Hong Kong and Macau) is optional: without it they are answered
+//! from `zh`. Every template is compiled and rendered against sample
 //! contexts at start, so a missing file, a syntax error or an unknown
 //! variable stops the server with the file and line instead of failing a
 //! customer's message later.
@@ -10,7 +12,7 @@ use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 
 use super::{Error, Message, Role};
-use crate::classify::{Language, INTENT_LABELS};
+use crate::classify::{Language, Script, INTENT_LABELS};
 
 /// The templates every language must have.
 pub const TEMPLATES: [&str; 6] = [
@@ -30,6 +32,8 @@ pub struct HistoryTurn {
 pub struct PromptContext {
     pub message: String,
     pub language: Language,
+    /// How a Chinese reply is written (the customer's script).
+    pub script: Script,
     pub intent: String,
     pub sentiment: String,
     /// Up to three likely intents, most likely first, in the customer's
@@ -51,6 +55,7 @@ impl PromptContext {
         Self {
             message: "我的快递到哪了".into(),
             language,
+            script: Script::Simplified,
             intent: intent.into(),
             sentiment: "neutral".into(),
             top_intents: vec!["order_status".into(), "return_refund".into()],
@@ -85,10 +90,40 @@ pub struct Prompts {
     env: Environment<'static>,
     dir: PathBuf,
     settings: PromptSettings,
+    /// Whether `zh-Hant/` was there to answer in Traditional characters.
+    traditional: bool,
+}
+
+/// The template folder a reply in `lang` and `script` comes from.
+fn folder(lang: Language, script: Script) -> &'static str {
+    match (lang, script) {
+        (Language::En, _) => "en",
+        (Language::Zh, Script::Simplified) => "zh",
+        (Language::Zh, Script::Traditional) => "zh-Hant",
+    }
 }
 
 /// Human-readable intent names, for prompts and clarifying questions.
-pub fn intent_label(intent: &str, lang: Language) -> &'static str {
+pub fn intent_label(intent: &str, lang: Language, script: Script) -> &'static str {
+    let name = intent_name(intent, lang);
+    if lang == Language::En || script == Script::Simplified {
+        return name;
+    }
+    match name {
+        "订单物流" => "訂單物流",
+        "退换货和退款" => "退換貨和退款",
+        "商品信息" => "商品資訊",
+        "选购推荐" => "選購推薦",
+        "优惠活动" => "優惠活動",
+        "支付和发票" => "付款和發票",
+        "账号和会员" => "帳號和會員",
+        "其他问题" => "其他問題",
+        "投诉" => "投訴",
+        same => same, // 打招呼, 人工客服: written alike
+    }
+}
+
+fn intent_name(intent: &str, lang: Language) -> &'static str {
     let zh = matches!(lang, Language::Zh);
     match intent {
         "greeting" => {
@@ -193,7 +228,13 @@ impl Prompts {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_trim_blocks(true);
-        for lang in ["zh", "en"] {
+        let traditional = dir.join("zh-Hant").is_dir();
+        let folders: &[&str] = if traditional {
+            &["zh", "zh-Hant", "en"]
+        } else {
+            &["zh", "en"]
+        };
+        for lang in folders {
             for name in TEMPLATES {
                 let rel = format!("{lang}/{name}.j2");
                 let path = dir.join(&rel);
@@ -209,16 +250,23 @@ impl Prompts {
             env,
             dir: dir.to_path_buf(),
             settings,
+            traditional,
         };
         prompts.validate()?;
         Ok(prompts)
     }
 
-    /// Renders every template for every intent in both languages.
+    /// Renders every template for every intent in every language and script.
     fn validate(&self) -> Result<(), Error> {
-        for lang in [Language::Zh, Language::En] {
+        let voices = [
+            (Language::Zh, Script::Simplified),
+            (Language::Zh, Script::Traditional),
+            (Language::En, Script::Simplified),
+        ];
+        for (lang, script) in voices {
             for intent in INTENT_LABELS {
                 let mut ctx = PromptContext::sample(lang, intent);
+                ctx.script = script;
                 self.messages(&ctx)?;
                 ctx.order_id.clear();
                 ctx.profile.clear();
@@ -229,7 +277,7 @@ impl Prompts {
                     let text = self.render(name, &ctx)?;
                     if text.trim().is_empty() {
                         return Err(Error::Template {
-                            file: self.path(lang, name),
+                            file: self.path(&ctx, name),
                             reason: format!("renders to nothing for intent {intent}"),
                         });
                     }
@@ -239,34 +287,46 @@ impl Prompts {
         Ok(())
     }
 
-    fn path(&self, lang: Language, name: &str) -> String {
-        self.dir
-            .join(format!("{}/{name}.j2", lang.code()))
-            .display()
-            .to_string()
+    /// The script a reply is written in: the customer's, where the
+    /// templates for it are there.
+    fn script(&self, ctx: &PromptContext) -> Script {
+        if self.traditional {
+            ctx.script
+        } else {
+            Script::Simplified
+        }
+    }
+
+    fn rel(&self, ctx: &PromptContext, name: &str) -> String {
+        format!("{}/{name}.j2", folder(ctx.language, self.script(ctx)))
+    }
+
+    fn path(&self, ctx: &PromptContext, name: &str) -> String {
+        self.dir.join(self.rel(ctx, name)).display().to_string()
     }
 
     fn render(&self, name: &str, ctx: &PromptContext) -> Result<String, Error> {
-        let rel = format!("{}/{name}.j2", ctx.language.code());
+        let rel = self.rel(ctx, name);
         let template = self
             .env
             .get_template(&rel)
-            .map_err(|e| template_error(&self.path(ctx.language, name), &e))?;
+            .map_err(|e| template_error(&self.path(ctx, name), &e))?;
+        let script = self.script(ctx);
         let top: Vec<&str> = ctx
             .top_intents
             .iter()
-            .map(|i| intent_label(i, ctx.language))
+            .map(|i| intent_label(i, ctx.language, script))
             .collect();
         template
             .render(minijinja::context! {
                 shop_name => &self.settings.shop_name,
                 max_sentences => self.settings.max_sentences,
-                intent_label => intent_label(&ctx.intent, ctx.language),
+                intent_label => intent_label(&ctx.intent, ctx.language, script),
                 top_intents => top,
                 ..minijinja::Value::from_serialize(ctx)
             })
             .map(|s| s.trim().to_string())
-            .map_err(|e| template_error(&self.path(ctx.language, name), &e))
+            .map_err(|e| template_error(&self.path(ctx, name), &e))
     }
 
     /// The chat to send to the generator: the system prompt (with the
@@ -368,6 +428,47 @@ mod tests {
         assert!(p.clarify(&zh).unwrap().contains("订单物流"));
         let en = PromptContext::sample(Language::En, "complaint");
         assert!(p.escalation_notice(&en).unwrap().contains("priority"));
+    }
+
+    #[test]
+    fn traditional_chinese_is_answered_in_traditional_characters() {
+        let p = repo_prompts();
+        let mut ctx = PromptContext::sample(Language::Zh, "order_status");
+        ctx.script = Script::Traditional;
+        ctx.message = "我的貨到哪了".into();
+        let system = &p.messages(&ctx).unwrap()[0].content;
+        assert!(system.contains("繁體中文"), "{system}");
+        assert!(!system.contains("简体"), "{system}");
+        let clarify = p.clarify(&ctx).unwrap();
+        assert!(clarify.contains("訂單物流"), "{clarify}");
+        for text in [
+            clarify,
+            p.escalation_notice(&ctx).unwrap(),
+            p.fallback(&ctx).unwrap(),
+        ] {
+            assert_eq!(Script::detect(&text), Some(Script::Traditional), "{text}");
+        }
+        // English is English whatever the script says.
+        let mut en = PromptContext::sample(Language::En, "order_status");
+        en.script = Script::Traditional;
+        assert!(p.clarify(&en).unwrap().is_ascii());
+    }
+
+    #[test]
+    fn without_traditional_templates_the_simplified_ones_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("prompts");
+        for lang in ["zh", "en"] {
+            std::fs::create_dir_all(dir.path().join(lang)).unwrap();
+            for name in TEMPLATES {
+                let rel = format!("{lang}/{name}.j2");
+                std::fs::copy(src.join(&rel), dir.path().join(&rel)).unwrap();
+            }
+        }
+        let p = Prompts::load(dir.path(), PromptSettings::default()).unwrap();
+        let mut ctx = PromptContext::sample(Language::Zh, "order_status");
+        ctx.script = Script::Traditional;
+        assert!(p.clarify(&ctx).unwrap().contains("订单物流"));
     }
 
     fn broken(file: &str, source: &str) -> String {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use kefu::service::pb::chat_service_client::ChatServiceClient;
 use kefu::service::pb::{
     stream_message_event::Event, Author, GenerationOptions, GetConversationRequest,
-    GetConversationResponse, Route, SendMessageRequest, SendMessageResponse,
+    GetConversationResponse, MessageMetadata, Route, SendMessageRequest, SendMessageResponse,
     WatchConversationRequest,
 };
 use kefu::store::Store;
@@ -212,6 +212,59 @@ async fn unclear_messages_get_clarifying_questions_then_a_person() {
     assert_eq!(route(&b), (Route::Clarify, "low_confidence".into()));
     let c = send(ch, "u4", &a.conversation_id, "嗯嗯").await;
     assert_eq!(route(&c), (Route::Escalate, "clarify_limit".into()));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customers_writing_traditional_chinese_are_answered_in_it() {
+    // Every message unclear (as above), so the fixed replies show the script.
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "min_intent_confidence = 0.99999\nmax_clarifications = 2\n",
+    )
+    .unwrap();
+    let mut args = real_args_no_generator();
+    args.policy = Some(policy);
+    let server = serving(args).await;
+    let ch = &server.channel;
+    let traditional = |text: &str| {
+        assert_eq!(
+            kefu::classify::Script::detect(text),
+            Some(kefu::classify::Script::Traditional),
+            "{text}"
+        )
+    };
+    let a = send(ch, "u9", "", "請問我的貨到哪裡了").await;
+    assert_eq!(route(&a), (Route::Clarify, "low_confidence".into()));
+    traditional(&a.reply);
+    // "好的" shows no script: the conversation's earlier message decides.
+    let b = send(ch, "u9", &a.conversation_id, "好的").await;
+    traditional(&b.reply);
+    let c = send(ch, "u9", &a.conversation_id, "嗯").await;
+    assert_eq!(route(&c), (Route::Escalate, "clarify_limit".into()));
+    traditional(&c.reply);
+    // A locale says it for a message that shows nothing.
+    let mut hk = message("u10", "", "ok");
+    hk.metadata = Some(MessageMetadata {
+        locale: "zh-HK".into(),
+        ..Default::default()
+    });
+    let d = ChatServiceClient::new(ch.clone())
+        .send_message(hk)
+        .await
+        .unwrap()
+        .into_inner();
+    traditional(&d.reply);
+    // Simplified stays Simplified.
+    let e = send(ch, "u11", "", "我的货到哪里了").await;
+    assert_eq!(
+        kefu::classify::Script::detect(&e.reply),
+        Some(kefu::classify::Script::Simplified),
+        "{}",
+        e.reply
+    );
     server.stop().await.unwrap();
 }
 
