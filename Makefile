@@ -66,7 +66,7 @@ train-sentiment: models data
 
 # Masked-LM pretraining on the training splits' text (reviews, chat lines,
 # intent messages, a third of them also in Traditional characters; never a
-# test file): ~30 min on one core. The intent model is fine-tuned from it.
+# test file): ~28 min on one core. The intent model is fine-tuned from it.
 pretrain: models data
 	$(KEFU) pretrain --vocab models/bert-base-chinese/vocab.txt \
 	  --hidden-size 128 --layers 2 --heads 2 --intermediate-size 512 --max-seq-len 96 \
