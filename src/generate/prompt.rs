@@ -103,106 +103,48 @@ fn folder(lang: Language, script: Script) -> &'static str {
     }
 }
 
-/// Human-readable intent names, for prompts and clarifying questions.
-pub fn intent_label(intent: &str, lang: Language, script: Script) -> &'static str {
-    let name = intent_name(intent, lang);
-    if lang == Language::En || script == Script::Simplified {
-        return name;
-    }
-    match name {
-        "订单物流" => "訂單物流",
-        "退换货和退款" => "退換貨和退款",
-        "商品信息" => "商品資訊",
-        "选购推荐" => "選購推薦",
-        "优惠活动" => "優惠活動",
-        "支付和发票" => "付款和發票",
-        "账号和会员" => "帳號和會員",
-        "其他问题" => "其他問題",
-        "投诉" => "投訴",
-        same => same, // 打招呼, 人工客服: written alike
-    }
-}
+/// Human-readable intent names, for prompts and clarifying questions:
+/// (intent, Simplified, Traditional, English); anything else reads as `other`.
+const INTENT_NAMES: [(&str, &str, &str, &str); 11] = [
+    ("greeting", "打招呼", "打招呼", "a greeting"),
+    (
+        "order_status",
+        "订单物流",
+        "訂單物流",
+        "your order's delivery",
+    ),
+    (
+        "return_refund",
+        "退换货和退款",
+        "退換貨和退款",
+        "a return or refund",
+    ),
+    ("product_inquiry", "商品信息", "商品資訊", "product details"),
+    ("recommendation", "选购推荐", "選購推薦", "a recommendation"),
+    ("promotion", "优惠活动", "優惠活動", "discounts and coupons"),
+    (
+        "payment_invoice",
+        "支付和发票",
+        "付款和發票",
+        "payment or an invoice",
+    ),
+    ("account", "账号和会员", "帳號和會員", "your account"),
+    ("complaint", "投诉", "投訴", "a complaint"),
+    ("human_agent", "人工客服", "人工客服", "a human agent"),
+    ("other", "其他问题", "其他問題", "something else"),
+];
 
-fn intent_name(intent: &str, lang: Language) -> &'static str {
-    let zh = matches!(lang, Language::Zh);
-    match intent {
-        "greeting" => {
-            if zh {
-                "打招呼"
-            } else {
-                "a greeting"
-            }
-        }
-        "order_status" => {
-            if zh {
-                "订单物流"
-            } else {
-                "your order's delivery"
-            }
-        }
-        "return_refund" => {
-            if zh {
-                "退换货和退款"
-            } else {
-                "a return or refund"
-            }
-        }
-        "product_inquiry" => {
-            if zh {
-                "商品信息"
-            } else {
-                "product details"
-            }
-        }
-        "recommendation" => {
-            if zh {
-                "选购推荐"
-            } else {
-                "a recommendation"
-            }
-        }
-        "promotion" => {
-            if zh {
-                "优惠活动"
-            } else {
-                "discounts and coupons"
-            }
-        }
-        "payment_invoice" => {
-            if zh {
-                "支付和发票"
-            } else {
-                "payment or an invoice"
-            }
-        }
-        "account" => {
-            if zh {
-                "账号和会员"
-            } else {
-                "your account"
-            }
-        }
-        "complaint" => {
-            if zh {
-                "投诉"
-            } else {
-                "a complaint"
-            }
-        }
-        "human_agent" => {
-            if zh {
-                "人工客服"
-            } else {
-                "a human agent"
-            }
-        }
-        _ => {
-            if zh {
-                "其他问题"
-            } else {
-                "something else"
-            }
-        }
+/// The name of `intent` in the customer's language and script.
+pub fn intent_label(intent: &str, lang: Language, script: Script) -> &'static str {
+    let other = &INTENT_NAMES[INTENT_NAMES.len() - 1];
+    let (_, simplified, traditional, english) = INTENT_NAMES
+        .iter()
+        .find(|(name, ..)| *name == intent)
+        .unwrap_or(other);
+    match (lang, script) {
+        (Language::En, _) => english,
+        (Language::Zh, Script::Simplified) => simplified,
+        (Language::Zh, Script::Traditional) => traditional,
     }
 }
 
@@ -428,6 +370,21 @@ mod tests {
         assert!(p.clarify(&zh).unwrap().contains("订单物流"));
         let en = PromptContext::sample(Language::En, "complaint");
         assert!(p.escalation_notice(&en).unwrap().contains("priority"));
+    }
+
+    #[test]
+    fn every_intent_has_a_name_in_each_language_and_script() {
+        for (i, intent) in INTENT_LABELS.iter().enumerate() {
+            assert_eq!(INTENT_NAMES[i].0, *intent, "in the order of INTENT_LABELS");
+        }
+        assert_eq!(
+            intent_label("no_such_intent", Language::Zh, Script::Traditional),
+            "其他問題"
+        );
+        assert_eq!(
+            intent_label("account", Language::En, Script::Traditional),
+            "your account"
+        );
     }
 
     #[test]
