@@ -14,7 +14,7 @@ use kefu::store::Store;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::harness::{real_args, real_args_no_generator, serving};
+use crate::harness::{real_args, real_args_no_generator, serving, Running};
 
 pub fn message(user: &str, conversation: &str, text: &str) -> SendMessageRequest {
     SendMessageRequest {
@@ -190,10 +190,10 @@ async fn three_negative_turns_in_a_row_escalate() {
     server.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unclear_messages_get_clarifying_questions_then_a_person() {
-    // The default intent model is confident even on "嗯"; a stricter policy
-    // makes every message unclear so the clarify path runs on real outputs.
+/// The real server without a generator, under a policy that finds every
+/// message unclear (the default intent model is confident even on "嗯"), so
+/// the clarify path runs on real outputs; two questions, then a person.
+async fn serving_everything_unclear() -> Running {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
     std::fs::write(
@@ -203,7 +203,13 @@ async fn unclear_messages_get_clarifying_questions_then_a_person() {
     .unwrap();
     let mut args = real_args_no_generator();
     args.policy = Some(policy);
-    let server = serving(args).await;
+    // The policy is read at start; the file can go after.
+    serving(args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclear_messages_get_clarifying_questions_then_a_person() {
+    let server = serving_everything_unclear().await;
     let ch = &server.channel;
     let a = send(ch, "u4", "", "嗯").await;
     assert_eq!(route(&a), (Route::Clarify, "low_confidence".into()));
@@ -217,17 +223,8 @@ async fn unclear_messages_get_clarifying_questions_then_a_person() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customers_writing_traditional_chinese_are_answered_in_it() {
-    // Every message unclear (as above), so the fixed replies show the script.
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        "min_intent_confidence = 0.99999\nmax_clarifications = 2\n",
-    )
-    .unwrap();
-    let mut args = real_args_no_generator();
-    args.policy = Some(policy);
-    let server = serving(args).await;
+    // Every message unclear, so the fixed replies show the script.
+    let server = serving_everything_unclear().await;
     let ch = &server.channel;
     let traditional = |text: &str| {
         assert_eq!(
