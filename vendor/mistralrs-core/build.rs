@@ -73,29 +73,14 @@ fn main() {
 }
 
 fn set_git_revision() {
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .and_then(|output| {
-            if output.status.success() {
-                String::from_utf8(output.stdout).ok()
-            } else {
-                None
-            }
-        })
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_string());
-
-    println!("cargo:rustc-env=MISTRALRS_GIT_REVISION={commit}");
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
-        if let Some(ref_path) = head.strip_prefix("ref:") {
-            let ref_path = ref_path.trim();
-            if !ref_path.is_empty() {
-                println!("cargo:rerun-if-changed=.git/{}", ref_path);
-            }
-        }
-    }
+    // kefu: the published script asked git for the revision and watched
+    // `.git/HEAD` relative to this crate, a file no copy of the crate has
+    // (mistral.rs keeps `.git` a level up, and here `git rev-parse` answered
+    // with kefu's commit). Cargo reruns a build script whose watched
+    // file is missing, so every `cargo build`, `cargo run` and `cargo test`
+    // of kefu recompiled mistralrs-core, mistralrs and kefu. This copy is the
+    // published 0.8.1 with kefu's changes, and says so; it reruns only when
+    // this file changes.
+    println!("cargo:rustc-env=MISTRALRS_GIT_REVISION=v0.8.1 (vendored by kefu)");
+    println!("cargo:rerun-if-changed=build.rs");
 }
