@@ -400,6 +400,25 @@ fn kefu() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kefu"))
 }
 
+/// `kefu eval --json`'s one object for `model` on `data`.
+fn eval_json(model: &Path, data: &Path) -> serde_json::Value {
+    let out = kefu()
+        .args(["eval", "--json", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kefu eval --model {} --data {}: {}",
+        model.display(),
+        data.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn the_cli_classifies_and_evaluates() {
     let out = kefu()
@@ -430,19 +449,7 @@ fn the_cli_classifies_and_evaluates() {
         "{\"text\": \"质量太差了\", \"label\": \"negative\"}\n{\"text\": \"在吗\", \"label\": \"neutral\"}\n",
     )
     .unwrap();
-    let out = kefu()
-        .args(["eval", "--json", "--model"])
-        .arg(fixture("tiny-bert"))
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = eval_json(&fixture("tiny-bert"), &data);
     assert_eq!(m["n"], 2);
     assert!(m["accuracy"].is_number() && m["macro_f1"].is_number());
     assert_eq!(m["confusion"].as_array().unwrap().len(), 3);
@@ -464,19 +471,7 @@ fn the_default_models_hold_their_figures_on_the_held_out_tests() {
         ("models/intent", "data/intents/test-hant.jsonl", 0.90),
     ];
     for (model, data, floor) in floors {
-        let out = kefu()
-            .args(["eval", "--json", "--model"])
-            .arg(repo().join(model))
-            .arg("--data")
-            .arg(repo().join(data))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{model} on {data}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let m = eval_json(&repo().join(model), &repo().join(data));
         let accuracy = m["accuracy"].as_f64().unwrap();
         assert!(
             accuracy >= floor,
