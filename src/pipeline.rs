@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, mpsc, Semaphore};
 use tracing::Instrument;
 
 use crate::classify::{Classification, Classifier, Language, Script};
-use crate::generate::prompt::{bounded_history, HistoryTurn, PromptContext, Prompts};
+use crate::generate::prompt::{bounded_history, HistoryTurn, PromptContext, Prompts, Voice};
 use crate::generate::{self, Event, Generator, Sampling};
 use crate::redact::redact;
 use crate::route::{self, ConversationState, Policy, Route};
@@ -411,33 +411,34 @@ fn polarity(c: &Classification) -> f32 {
     c.sentiment_probability("positive") - c.sentiment_probability("negative")
 }
 
-fn profile_summary(p: Option<&store::Profile>, lang: Language, script: Script) -> String {
+fn profile_summary(p: Option<&store::Profile>, voice: Voice) -> String {
     let Some(p) = p else { return String::new() };
+    // (Simplified, Traditional, English), as `Voice` orders them.
     let mood = if p.sentiment_score >= 0.3 {
-        ("满意", "mostly satisfied", "滿意")
+        ("满意", "滿意", "mostly satisfied")
     } else if p.sentiment_score <= -0.3 {
-        ("近期不满", "recently unhappy", "近期不滿")
+        ("近期不满", "近期不滿", "recently unhappy")
     } else {
-        ("情绪平稳", "calm", "情緒平穩")
+        ("情绪平稳", "情緒平穩", "calm")
     };
     let top = p
         .intent_counts
         .iter()
         .max_by_key(|(_, n)| **n)
-        .map(|(i, _)| crate::generate::prompt::intent_label(i, lang, script))
+        .map(|(i, _)| crate::generate::prompt::intent_label(i, voice))
         .unwrap_or_default();
-    match (lang, script) {
-        (Language::Zh, Script::Traditional) => format!(
+    match voice {
+        Voice::Traditional => format!(
             "老顧客，已諮詢{}次，{}，常問「{}」",
-            p.message_count, mood.2, top
+            p.message_count, mood.1, top
         ),
-        (Language::Zh, Script::Simplified) => format!(
+        Voice::Simplified => format!(
             "老顾客，已咨询{}次，{}，常问「{}」",
             p.message_count, mood.0, top
         ),
-        (Language::En, _) => format!(
+        Voice::English => format!(
             "returning customer, {} messages, {}, often asks about {}",
-            p.message_count, mood.1, top
+            p.message_count, mood.2, top
         ),
     }
 }
@@ -594,7 +595,7 @@ impl Pipeline {
                 .map(|s| s.label.to_string())
                 .collect(),
             order_id,
-            profile: profile_summary(profile.as_ref(), language, script),
+            profile: profile_summary(profile.as_ref(), self.prompts.voice(language, script)),
             priority: decision
                 .priority
                 .map_or("normal", |p| match p {

@@ -94,12 +94,23 @@ pub struct Prompts {
     traditional: bool,
 }
 
-/// The template folder a reply in `lang` and `script` comes from.
-fn folder(lang: Language, script: Script) -> &'static str {
-    match (lang, script) {
-        (Language::En, _) => "en",
-        (Language::Zh, Script::Simplified) => "zh",
-        (Language::Zh, Script::Traditional) => "zh-Hant",
+/// What a reply is written in: English, or Chinese in one of its scripts.
+/// `Prompts::voice` picks it for a customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Voice {
+    Simplified,
+    Traditional,
+    English,
+}
+
+impl Voice {
+    /// The template folder the voice's replies come from.
+    fn folder(self) -> &'static str {
+        match self {
+            Voice::Simplified => "zh",
+            Voice::Traditional => "zh-Hant",
+            Voice::English => "en",
+        }
     }
 }
 
@@ -134,17 +145,17 @@ const INTENT_NAMES: [(&str, &str, &str, &str); 11] = [
     ("other", "其他问题", "其他問題", "something else"),
 ];
 
-/// The name of `intent` in the customer's language and script.
-pub fn intent_label(intent: &str, lang: Language, script: Script) -> &'static str {
+/// The name of `intent` in `voice`.
+pub fn intent_label(intent: &str, voice: Voice) -> &'static str {
     let other = &INTENT_NAMES[INTENT_NAMES.len() - 1];
     let (_, simplified, traditional, english) = INTENT_NAMES
         .iter()
         .find(|(name, ..)| *name == intent)
         .unwrap_or(other);
-    match (lang, script) {
-        (Language::En, _) => english,
-        (Language::Zh, Script::Simplified) => simplified,
-        (Language::Zh, Script::Traditional) => traditional,
+    match voice {
+        Voice::Simplified => simplified,
+        Voice::Traditional => traditional,
+        Voice::English => english,
     }
 }
 
@@ -229,18 +240,20 @@ impl Prompts {
         Ok(())
     }
 
-    /// The script a reply is written in: the customer's, where the
-    /// templates for it are there.
-    fn script(&self, ctx: &PromptContext) -> Script {
-        if self.traditional {
-            ctx.script
-        } else {
-            Script::Simplified
+    /// The voice a customer writing `lang` in `script` is answered in:
+    /// Chinese in their script where the templates for it are there,
+    /// Simplified otherwise.
+    pub fn voice(&self, lang: Language, script: Script) -> Voice {
+        match (lang, script) {
+            (Language::En, _) => Voice::English,
+            (Language::Zh, Script::Traditional) if self.traditional => Voice::Traditional,
+            (Language::Zh, _) => Voice::Simplified,
         }
     }
 
     fn rel(&self, ctx: &PromptContext, name: &str) -> String {
-        format!("{}/{name}.j2", folder(ctx.language, self.script(ctx)))
+        let voice = self.voice(ctx.language, ctx.script);
+        format!("{}/{name}.j2", voice.folder())
     }
 
     fn path(&self, ctx: &PromptContext, name: &str) -> String {
@@ -253,17 +266,17 @@ impl Prompts {
             .env
             .get_template(&rel)
             .map_err(|e| template_error(&self.path(ctx, name), &e))?;
-        let script = self.script(ctx);
+        let voice = self.voice(ctx.language, ctx.script);
         let top: Vec<&str> = ctx
             .top_intents
             .iter()
-            .map(|i| intent_label(i, ctx.language, script))
+            .map(|i| intent_label(i, voice))
             .collect();
         template
             .render(minijinja::context! {
                 shop_name => &self.settings.shop_name,
                 max_sentences => self.settings.max_sentences,
-                intent_label => intent_label(&ctx.intent, ctx.language, script),
+                intent_label => intent_label(&ctx.intent, voice),
                 top_intents => top,
                 ..minijinja::Value::from_serialize(ctx)
             })
@@ -378,18 +391,19 @@ mod tests {
             assert_eq!(INTENT_NAMES[i].0, *intent, "in the order of INTENT_LABELS");
         }
         assert_eq!(
-            intent_label("no_such_intent", Language::Zh, Script::Traditional),
+            intent_label("no_such_intent", Voice::Traditional),
             "其他問題"
         );
-        assert_eq!(
-            intent_label("account", Language::En, Script::Traditional),
-            "your account"
-        );
+        assert_eq!(intent_label("account", Voice::English), "your account");
     }
 
     #[test]
     fn traditional_chinese_is_answered_in_traditional_characters() {
         let p = repo_prompts();
+        assert_eq!(
+            p.voice(Language::Zh, Script::Traditional),
+            Voice::Traditional
+        );
         let mut ctx = PromptContext::sample(Language::Zh, "order_status");
         ctx.script = Script::Traditional;
         ctx.message = "我的貨到哪了".into();
@@ -423,6 +437,10 @@ mod tests {
             }
         }
         let p = Prompts::load(dir.path(), PromptSettings::default()).unwrap();
+        assert_eq!(
+            p.voice(Language::Zh, Script::Traditional),
+            Voice::Simplified
+        );
         let mut ctx = PromptContext::sample(Language::Zh, "order_status");
         ctx.script = Script::Traditional;
         assert!(p.clarify(&ctx).unwrap().contains("订单物流"));
