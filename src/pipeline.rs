@@ -568,8 +568,18 @@ impl Pipeline {
             })
             .collect();
         let script = script_of(&m.locale, &text, &history);
+        // Whether an agent has taken the open escalation or it still waits
+        // in the queue: the explanation tells the two apart.
+        let agent_claimed = match conv.open_escalation.as_deref() {
+            Some(id) if conv.held_by_agent => self
+                .store
+                .escalation(id)?
+                .is_some_and(|e| e.status == store::EscalationStatus::Claimed),
+            _ => false,
+        };
         let state = ConversationState {
             held_by_agent: conv.held_by_agent,
+            agent_claimed,
             negative_streak: conv.negative_streak,
             clarifications: conv.clarifications,
         };

@@ -124,8 +124,11 @@ pub struct Decision {
 /// Where the conversation stands before this message.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ConversationState {
-    /// A human agent holds the conversation.
+    /// The conversation is escalated: humans answer it from now on.
     pub held_by_agent: bool,
+    /// An agent has claimed the escalation; false while it waits in the
+    /// queue. Only the explanation differs.
+    pub agent_claimed: bool,
     /// Negative customer turns in a row just before this one.
     pub negative_streak: u32,
     /// Clarifying questions in a row just before this one.
@@ -159,10 +162,15 @@ pub fn decide(
     };
 
     if state.held_by_agent {
+        let explanation = if state.agent_claimed {
+            "a human agent holds this conversation; the message is stored for them"
+        } else {
+            "the conversation waits in the queue for a human agent; the message is stored for whoever takes it"
+        };
         return finish(
             Route::Silent,
             "held_by_agent",
-            "a human agent holds this conversation; the message is stored for them".into(),
+            explanation.into(),
             None,
             checks,
         );
@@ -410,12 +418,28 @@ mod tests {
 
     #[test]
     fn a_held_conversation_stays_silent() {
-        let held = ConversationState {
+        let waiting = ConversationState {
             held_by_agent: true,
             ..Default::default()
         };
-        let d = route(&classification("human_agent", 0.9, 0.9), held);
+        let d = route(&classification("human_agent", 0.9, 0.9), waiting);
         assert_eq!((d.route, d.rule), (Route::Silent, "held_by_agent"));
+        assert!(
+            d.explanation.contains("waits in the queue"),
+            "{}",
+            d.explanation
+        );
+        let claimed = ConversationState {
+            agent_claimed: true,
+            ..waiting
+        };
+        let d = route(&classification("human_agent", 0.9, 0.9), claimed);
+        assert_eq!((d.route, d.rule), (Route::Silent, "held_by_agent"));
+        assert!(
+            d.explanation.contains("a human agent holds"),
+            "{}",
+            d.explanation
+        );
     }
 
     #[test]

@@ -186,7 +186,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                     Some(pb::stream_message_event::Event::Delta(d)) => write!(out, "{d}")?,
                     Some(pb::stream_message_event::Event::End(e)) => {
                         if e.reply_turn_id == 0 {
-                            write!(out, "(silent: a human agent holds this conversation)")?;
+                            write!(out, "(no reply from the bot: a person answers from here)")?;
                         }
                         writeln!(out)?;
                         if e.fallback {

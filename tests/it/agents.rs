@@ -110,6 +110,11 @@ async fn escalate_claim_reply_resolve_and_the_bot_answers_again() {
     let silent = send(ch, "c1", &conv, "订单号是4512876390123").await;
     assert_eq!(route(&silent).0, Route::Silent);
     assert_eq!(silent.reply_turn_id, 0);
+    let why = &silent.decision.as_ref().unwrap().explanation;
+    assert!(
+        why.contains("a human agent holds"),
+        "claimed by alice: {why}"
+    );
 
     let err = agents
         .resolve_escalation(ResolveEscalationRequest {

@@ -142,6 +142,8 @@ async fn asking_for_a_human_escalates_and_the_bot_then_stays_silent() {
     assert!(!r.fallback);
     let again = send(ch, "u2", &r.conversation_id, "在吗？怎么没人理我").await;
     assert_eq!(route(&again), (Route::Silent, "held_by_agent".into()));
+    let why = &again.decision.as_ref().unwrap().explanation;
+    assert!(why.contains("waits in the queue"), "no agent yet: {why}");
     assert!(again.reply.is_empty());
     assert_eq!(again.reply_turn_id, 0);
     let stored = conversation(ch, &r.conversation_id).await;
