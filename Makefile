@@ -54,19 +54,20 @@ fixtures:
 # Both classifiers learn half from their labels and half from a character
 # n-gram teacher's probabilities (scripts/ngram_teacher.py, needs
 # scikit-learn; ~2 min for the reviews), each training line scored by a
-# teacher fitted on the other folds.
+# teacher fitted on the other folds. Both are fine-tuned from `make
+# pretrain`'s encoder (models/pretrained, made first when it is missing).
 train-sentiment: models data
+	test -d models/pretrained || $(MAKE) pretrain
 	$(PYTHON) scripts/ngram_teacher.py --data data/splits/sentiment-train.jsonl \
 	  --out data/splits/sentiment-train-taught.jsonl
-	$(KEFU) train --task sentiment --config --vocab models/bert-base-chinese/vocab.txt --add-words 2 \
-	  --hidden-size 128 --layers 2 --heads 2 --intermediate-size 512 --max-seq-len 96 \
-	  --epochs 3 --batch-size 32 --learning-rate 1e-3 --seed 7 --half \
+	$(KEFU) train --task sentiment --init models/pretrained --max-seq-len 96 \
+	  --epochs 6 --batch-size 32 --learning-rate 1e-3 --seed 7 --half \
 	  --data data/splits/sentiment-train-taught.jsonl --soft-weight 0.5 --windows 8 \
 	  --dev data/splits/sentiment-dev.jsonl --out models/sentiment
 
 # Masked-LM pretraining on the training splits' text (reviews, chat lines,
 # intent messages, a third of them also in Traditional characters; never a
-# test file): ~28 min on one core. The intent model is fine-tuned from it.
+# test file): ~28 min on one core. Both classifiers are fine-tuned from it.
 pretrain: models data
 	$(KEFU) pretrain --vocab models/bert-base-chinese/vocab.txt \
 	  --hidden-size 128 --layers 2 --heads 2 --intermediate-size 512 --max-seq-len 96 \
