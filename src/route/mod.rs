@@ -422,24 +422,18 @@ mod tests {
             held_by_agent: true,
             ..Default::default()
         };
-        let d = route(&classification("human_agent", 0.9, 0.9), waiting);
-        assert_eq!((d.route, d.rule), (Route::Silent, "held_by_agent"));
-        assert!(
-            d.explanation.contains("waits in the queue"),
-            "{}",
-            d.explanation
-        );
         let claimed = ConversationState {
             agent_claimed: true,
             ..waiting
         };
-        let d = route(&classification("human_agent", 0.9, 0.9), claimed);
-        assert_eq!((d.route, d.rule), (Route::Silent, "held_by_agent"));
-        assert!(
-            d.explanation.contains("a human agent holds"),
-            "{}",
-            d.explanation
-        );
+        for (state, says) in [
+            (waiting, "waits in the queue"),
+            (claimed, "a human agent holds"),
+        ] {
+            let d = route(&classification("human_agent", 0.9, 0.9), state);
+            assert_eq!((d.route, d.rule), (Route::Silent, "held_by_agent"));
+            assert!(d.explanation.contains(says), "{}", d.explanation);
+        }
     }
 
     #[test]
